@@ -1,0 +1,108 @@
+"""Checkpoints without pickle: nested state (model, optimisers, method state, RNG) as one safetensors file.
+
+A nested structure of dicts / lists / tuples / numbers / strings / tensors is split into a flat dict of tensors
+(stored as safetensors) and a JSON skeleton (stored in the safetensors metadata) that says where each tensor goes.
+Nothing is unpickled on load, so a checkpoint from elsewhere cannot run code. The metadata also carries a SHA-256 of
+the tensor bytes, so a file that was truncated or altered is detected and never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from .errors import BenchError
+from .fsutil import atomic_write
+
+FORMAT = "aft-bench-state/1"
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "_"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, tensors, f"{prefix}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
+        return obj.item()
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {prefix!r}")
+
+
+def _unflatten(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skel, dict):
+        if "__tensor__" in skel:
+            return tensors[skel["__tensor__"]]
+        if "__dict__" in skel:
+            return {k: _unflatten(v, tensors) for k, v in skel["__dict__"]}
+        if "__tuple__" in skel:
+            return tuple(_unflatten(v, tensors) for v in skel["__tuple__"])
+        raise ValueError("malformed checkpoint skeleton")
+    if isinstance(skel, list):
+        return [_unflatten(v, tensors) for v in skel]
+    return skel
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_state(path: str | os.PathLike, state: Any) -> None:
+    """Write ``state`` atomically to ``path`` (a .safetensors file)."""
+    tensors: dict[str, torch.Tensor] = {}
+    skel = _flatten(state, tensors, "")
+    meta = {"format": FORMAT, "skeleton": json.dumps(skel), "sha256": _digest(tensors)}
+    data = st_save(tensors, metadata=meta)
+    atomic_write(path, lambda f: f.write(data))
+
+
+class CorruptCheckpoint(BenchError):
+    pass
+
+
+def load_state(path: str | os.PathLike) -> Any:
+    """Read a state written by :func:`save_state`; raises :class:`CorruptCheckpoint` if it is damaged."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated / malformed files
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+    if meta.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"checkpoint {path} is not an aft-bench state file (format {meta.get('format')!r})")
+    if _digest(tensors) != meta.get("sha256"):
+        raise CorruptCheckpoint(f"checkpoint {path} fails its SHA-256 check (truncated or modified)")
+    return _unflatten(json.loads(meta["skeleton"]), tensors)
+
+
+def load_latest(paths: list[Path]) -> tuple[Any, Path] | None:
+    """Load the first readable checkpoint of ``paths`` (newest first), warning about each damaged one."""
+    for p in paths:
+        if not p.exists():
+            continue
+        try:
+            return load_state(p), p
+        except CorruptCheckpoint as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+    return None

@@ -1,0 +1,285 @@
+"""The ``bench`` command line (click; thin — it parses, resolves a config and calls into the modules).
+
+Every bad value ends in one line ``error: ...`` naming the value and what is accepted, exit code 2, and nothing
+written.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import BenchError
+
+
+def _csv(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items
+
+
+def _positive_int(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"{value}; accepted: a positive integer")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="aft-bench")
+def cli() -> None:
+    """aft-bench: adversarial fine-tuning and adversarial training, benchmarked side by side.
+
+    \b
+    bench run --preset smoke                      # a real benchmark on the embedded synthetic data (CPU minutes)
+    bench run --methods natural,pgd-at --dataset cifar10 --arch resnet18 --data-dir DIR --seeds 0,1,2 --preset paper
+    bench eval RUN_DIR_OR_CHECKPOINT --arch resnet18 --dataset cifar10 --attacks clean,pgd20,aa
+    bench status                                  # runs under results/ and how far each got
+    bench list                                    # methods, datasets, architectures, presets
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("list")
+def list_cmd() -> None:
+    """Methods (with the model each starts from), datasets, architectures and presets."""
+    from methods import METHODS
+
+    from .config import load_preset, preset_names
+    from .data import describe_datasets
+    from .models import MODELS
+
+    click.echo("methods:")
+    for n in METHODS.names():
+        info = METHODS.info[n]
+        click.echo(f"  {n:<14} starts from {info['starts_from']:<11} {info['paper']}")
+    click.echo("datasets:")
+    for n, d in describe_datasets():
+        click.echo(f"  {n:<14} {d}")
+    click.echo("architectures:")
+    for n in MODELS.names():
+        click.echo(f"  {n:<14} {MODELS.info[n].get('paper') or 'not a paper architecture (CPU smoke runs, tests)'}")
+    click.echo("presets:")
+    for n in preset_names():
+        click.echo(f"  {n:<14} {load_preset(n).get('description', '')}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("run")
+@click.option("--methods", "-m", help="Comma-separated methods (see `bench list`); default: the preset's.")
+@click.option("--dataset", "-d", help="Dataset name (default: the preset's, else synthetic).")
+@click.option("--arch", "-a", help="Architecture (default: the preset's, else resnet18).")
+@click.option("--seeds", "-s", help="Seeds: 0,1,2 or 0-2 (default 0).")
+@click.option("--preset", "-p", help="Preset name (smoke, paper) or path to a TOML file.")
+@click.option("--data-dir", type=click.Path(path_type=str), help="Folder (or archive) holding the dataset.")
+@click.option("--download", is_flag=True, help="Download the dataset if it is not on disk (needs internet).")
+@click.option("--subset", type=int, callback=_positive_int, help="Training images per class (smoke runs).")
+@click.option("--epochs", type=int, callback=_positive_int, help="Epochs of every listed method.")
+@click.option("--batch-size", type=int, callback=_positive_int, help="Batch size of every listed method.")
+@click.option("--lr", type=float, help="Base learning rate of every listed method.")
+@click.option("--set", "sets", multiple=True, metavar="[METHOD.]KEY=VALUE",
+              help="Override a hyper-parameter, e.g. --set eps=8/255 --set natural.epochs=50 (repeatable).")
+@click.option("--attacks", help="Evaluation attacks: clean,pgd20,aa (default: all three).")
+@click.option("--eval-n", type=int, callback=_positive_int, help="Test images for clean and PGD-20 (default: all).")
+@click.option("--aa-n", type=int, callback=_positive_int, help="Test images for AutoAttack (default: --eval-n).")
+@click.option("--probe-n", type=int, help="Test images of the per-epoch feature-gap probe (0: off).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=str, help="Training precision: fp32 or bf16 (evaluation is always fp32).")
+@click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format (GPU).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the training forward.")
+@click.option("--normalize/--no-normalize", default=None,
+              help="Put the training set's mean/std inside the model (default: raw [0,1] inputs, as AFD).")
+@click.option("--pretrained", type=click.Path(path_type=str),
+              help="Starting model for methods that fine-tune (default: the suite trains and reuses its own).")
+@click.option("--results", "results_dir", default="results", show_default=True, help="Results directory.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars (epoch lines are still printed).")
+def run_cmd(methods, dataset, arch, seeds, preset, data_dir, download, subset, epochs, batch_size, lr, sets, attacks,
+            eval_n, aa_n, probe_n, device, precision, channels_last, compile_, normalize, pretrained, results_dir,
+            quiet) -> None:
+    """Train and evaluate methods × seeds; prints Clean / PGD-20 / AutoAttack and seconds per epoch.
+
+    Finished runs are not trained again; interrupted ones resume from their last checkpoint. Records land in
+    RESULTS/runs/<dataset>_<arch>_<method>_s<seed>_<hash>/.
+    """
+    from .records import RunDir
+    from .runner import Runner, RunRequest, format_table, plan, summary_rows
+
+    _check_results_dir(results_dir)
+    req = RunRequest(methods=_csv(methods), dataset=dataset, arch=arch, seeds=seeds, preset=preset,
+                     data_dir=data_dir, subset=subset, epochs=epochs, batch_size=batch_size, lr=lr, sets=list(sets),
+                     attacks=attacks, eval_n=eval_n, aa_n=aa_n, probe_n=probe_n, device=device, precision=precision,
+                     channels_last=channels_last, compile=compile_, normalize=normalize, pretrained=pretrained,
+                     results_dir=results_dir, download=download)
+    planned = plan(req)
+    from .engine import resolve_device
+
+    resolve_device(device)
+    runner = Runner(progress=not quiet, echo=lambda s: click.echo(s, err=True))
+    done = []
+    for p in planned:
+        runner.execute(p.cfg, p.base)
+        done.append(RunDir.for_config(p.cfg))
+    click.echo(format_table(summary_rows(done)))
+
+
+def _check_results_dir(path: str) -> None:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise BenchError(f"--results {path} is a file; accepted: a directory (created if missing)")
+    if (p / "runs").exists() and not (p / "runs").is_dir():
+        raise BenchError(f"--results {path}: {p / 'runs'} is a file; accepted: a directory")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("eval")
+@click.argument("target")
+@click.option("--arch", "-a", help="Architecture of a checkpoint file (a run directory knows its own).")
+@click.option("--dataset", "-d", help="Dataset (a run directory knows its own).")
+@click.option("--data-dir", type=click.Path(path_type=str), help="Folder (or archive) holding the dataset.")
+@click.option("--download", is_flag=True, help="Download the dataset if it is not on disk.")
+@click.option("--attacks", default="clean,pgd20,aa", show_default=True, help="Comma-separated: clean, pgd20, aa.")
+@click.option("--n", "n", type=int, callback=_positive_int, help="First n test images (default: all).")
+@click.option("--eps", default="8/255", show_default=True, help="L∞ budget in pixel units.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the attacks' random starts.")
+@click.option("--batch-size", type=int, default=256, show_default=True, callback=_positive_int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--normalize", is_flag=True,
+              help="Checkpoint without normalisation buffers: use the dataset's mean/std (default: raw [0,1]).")
+@click.option("--model-dir", default="models", show_default=True,
+              help="For robustbench:<name>: the RobustBench model directory (<dir>/<dataset>/<threat>/<name>.pt).")
+@click.option("--threat-model", default="Linf", show_default=True, help="For robustbench:<name>.")
+@click.option("--output", "-o", type=click.Path(path_type=str), help="Write the evaluation record (JSON) here.")
+@click.option("--quiet", "-q", is_flag=True)
+def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, batch_size, device, normalize,
+             model_dir, threat_model, output, quiet) -> None:
+    """Clean / PGD-20 / AutoAttack of TARGET: a run directory, a checkpoint file (.safetensors/.pt/.pth, also
+    kuangliu, TRADES and AFD-author key names), or robustbench:<model name> (files already on disk)."""
+    from .config import parse_value
+    from .data import load_dataset
+    from .engine import resolve_device
+    from .evaluate import evaluate, parse_attacks
+    from .fsutil import atomic_write_json
+    from .models import create_model
+    from .models.loading import load_weights
+    from .records import RunDir
+
+    attacks_l = parse_attacks(attacks)
+    eps_v = parse_value(eps)
+    if isinstance(eps_v, bool) or not isinstance(eps_v, (int, float)) or not 0 <= eps_v <= 1:
+        raise BenchError(f"--eps {eps!r}; accepted: a number in [0, 1] in pixel units, e.g. 8/255")
+    dev = resolve_device(device)
+    run = None
+    if target.startswith("robustbench:"):
+        if dataset is None:
+            dataset = "cifar10"
+        ds = load_dataset(dataset, data_dir, download=download)
+        from .zoo import load_robustbench
+
+        model = load_robustbench(target.split(":", 1)[1], dataset, threat_model, model_dir)
+    else:
+        path = Path(target)
+        if path.is_dir():
+            run = RunDir(path)
+            if not run.config.is_file():
+                raise BenchError(f"{path} is not a run directory (no config.json); accepted: a run directory, a "
+                                 "checkpoint file, or robustbench:<name>")
+            c = run.read_config()["config"]
+            for flag, value, own in (("--arch", arch, c["arch"]), ("--dataset", dataset, c["dataset"])):
+                if value is not None and value != own:
+                    raise BenchError(f"{flag} {value} does not match the run's {own}")
+            arch, dataset = c["arch"], c["dataset"]
+            data_dir = data_dir or c.get("data_dir")
+            weights = run.final_weights
+            if not weights.is_file():
+                raise BenchError(f"run {path} has no final weights yet ({weights}); finish it with bench run first")
+        elif path.is_file():
+            if arch is None or dataset is None:
+                raise BenchError("a checkpoint file needs --arch and --dataset (see `bench list`)")
+            weights = path
+        else:
+            raise BenchError(f"{target} does not exist; accepted: a run directory, a checkpoint file, or "
+                             "robustbench:<name>")
+        from .data import DATASETS
+        from .models import MODELS
+
+        DATASETS.get(dataset)
+        MODELS.get(arch)
+        ds = load_dataset(dataset, data_dir, download=download)
+        model = create_model(arch, ds.num_classes, ds.channels)
+        load_weights(model, weights, normalize=ds.stats() if normalize else None)
+    state_dir = run.ckpt_dir / "eval-state" if run is not None else None
+    record = evaluate(model, ds.test, attacks_l, n=n, eps=float(eps_v), batch_size=batch_size, device=dev, seed=seed,
+                      state_dir=state_dir, progress=not quiet)
+    record["meta"]["target"] = target
+    if run is not None:
+        existing = run.read_eval() or {"results": {}, "meta": {}}
+        new = {k: v for k, v in record["results"].items() if k not in existing["results"] and k != "worst"}
+        if new:
+            existing["results"].update(new)
+            atomic_write_json(run.eval, existing)
+    if output:
+        atomic_write_json(output, record)
+    res = record["results"]
+    click.echo(f"{target}  ({dataset}, {arch or 'robustbench'}, device {record['meta']['device']})")
+    for name, r in res.items():
+        click.echo(f"  {name:<6} {r['acc']:6.2f}%  ({r['correct']}/{r['n']})")
+    checks = res.get("aa", {}).get("checks")
+    if checks:
+        click.echo("  AutoAttack flags: " + " | ".join(checks))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("status")
+@click.option("--results", "results_dir", default="results", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
+def status_cmd(results_dir, as_json) -> None:
+    """Every run under RESULTS/runs: done, running (and by which process), or partial (epochs done)."""
+    from .records import list_runs
+
+    runs = list_runs(results_dir)
+    if not runs:
+        click.echo(f"no runs under {Path(results_dir) / 'runs'}")
+        return
+    for run in runs:
+        st = run.status()
+        ev = (run.read_eval() or {}).get("results", {})
+        st.update({a: ev.get(a, {}).get("acc") for a in ("clean", "pgd20", "aa")})
+        if as_json:
+            click.echo(json.dumps(st))
+            continue
+        accs = "  ".join(f"{a} {st[a]:.2f}" for a in ("clean", "pgd20", "aa") if st[a] is not None)
+        extra = ""
+        if st["state"] == "running":
+            holder = run.lock.holder()
+            extra = f" (process {holder[1]} on {holder[0]})" if holder else ""
+        click.echo(f"{st['state']:<8} {st['epoch']:>4}/{st['epochs'] or '?':<4} {st['run']}{extra}  {accs}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except BenchError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; run the same command again to resume", err=True)
+        sys.exit(130)

@@ -1,0 +1,259 @@
+"""Run configuration: presets (``bench/configs/*.toml``) < method defaults < preset method sections < flags.
+
+A preset has a ``[run]`` table (dataset, architecture, methods, evaluation sizes, ...) and optional
+``[method.<name>]`` tables that override that method's defaults (a smoke preset shortens the epochs). Flags given on
+the command line win over both. The resolved :class:`RunConfig` is what a run directory is named after (a hash of
+the settings that change the trained weights) and what ``config.json`` records.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import BenchError, choice_error
+
+try:  # Python ≥ 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[no-redef]
+
+RUN_KEYS = {"methods", "dataset", "arch", "seeds", "subset", "eval_n", "aa_n", "probe_n", "attacks", "normalize",
+            "precision", "eval_batch_size", "channels_last", "compile"}
+PRECISIONS = ("fp32", "bf16")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# presets
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("bench.configs").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str | None) -> dict[str, Any]:
+    """A preset by name (``smoke``, ``paper``) or path to a TOML file; ``None`` is the empty preset."""
+    if name is None:
+        return {"run": {}, "method": {}, "name": None}
+    path = Path(name)
+    if path.suffix == ".toml" and path.is_file():
+        text = path.read_text()
+    elif name in preset_names():
+        text = (resources.files("bench.configs") / f"{name}.toml").read_text()
+    else:
+        raise choice_error("preset", name, preset_names() + ["<path>.toml"])
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise BenchError(f"preset {name} is not valid TOML ({e})") from None
+    unknown = set(data.get("run", {})) - RUN_KEYS
+    if unknown:
+        raise BenchError(f"preset {name}: unknown [run] key {sorted(unknown)[0]!r}; accepted: "
+                         f"{', '.join(sorted(RUN_KEYS))}")
+    return {"run": data.get("run", {}), "method": data.get("method", {}), "name": name,
+            "description": data.get("description", "")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parsing of flag values
+
+
+_FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?)\s*/\s*(\d+(?:\.\d*)?)\s*$", re.I)
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: TOML syntax (numbers, booleans, lists, inline tables), a fraction such as ``8/255``,
+    or else a bare string."""
+    m = _FRACTION.match(text)
+    if m:
+        den = float(m.group(2))
+        if den == 0:
+            raise BenchError(f"value {text!r} divides by zero")
+        return float(m.group(1)) / den
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_seeds(text: str | Iterable[int]) -> list[int]:
+    if not isinstance(text, str):
+        return [int(s) for s in text]
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise BenchError(f"malformed --seeds {text!r}; accepted: non-negative integers such as 0,1,2 or 0-4")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if b < a:
+            raise BenchError(f"malformed --seeds {text!r}: range {part} is empty")
+        seeds.extend(range(a, b + 1))
+    return list(dict.fromkeys(seeds))
+
+
+def parse_sets(items: Iterable[str]) -> list[tuple[str | None, str, Any]]:
+    """``--set [method.]key=value`` → (method or None, key, value)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise BenchError(f"malformed --set {item!r}; accepted: key=value or method.key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        method = None
+        if "." in key:
+            method, key = key.rsplit(".", 1)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or (method is not None and not method):
+            raise BenchError(f"malformed --set {item!r}; accepted: key=value or method.key=value")
+        out.append((method, key, parse_value(value.strip())))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hyper-parameters
+
+
+def validate_hp(method: str, hp: dict[str, Any], defaults: dict[str, Any]) -> None:
+    def num(k):
+        v = hp[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise BenchError(f"{method}.{k} = {v!r} is not a finite number")
+        return v
+
+    for k, v in hp.items():
+        d = defaults.get(k)
+        if isinstance(d, (int, float)) and not isinstance(d, bool):
+            num(k)
+        elif isinstance(d, bool) and not isinstance(v, bool):
+            raise BenchError(f"{method}.{k} = {v!r}; accepted: true or false")
+    if not isinstance(hp["epochs"], int) or hp["epochs"] <= 0:
+        raise BenchError(f"{method}.epochs = {hp['epochs']!r}; accepted: a positive integer")
+    if not isinstance(hp["batch_size"], int) or hp["batch_size"] <= 1:
+        raise BenchError(f"{method}.batch_size = {hp['batch_size']!r}; accepted: an integer ≥ 2")
+    for k in ("lr",):
+        if num(k) <= 0:
+            raise BenchError(f"{method}.{k} = {hp[k]!r}; accepted: a positive number")
+    for k in ("momentum", "weight_decay"):
+        if not 0 <= num(k) < (1 if k == "momentum" else math.inf):
+            raise BenchError(f"{method}.{k} = {hp[k]!r}; accepted: a number in [0, 1)" if k == "momentum"
+                             else f"{method}.{k} = {hp[k]!r}; accepted: a non-negative number")
+    for k in hp:
+        if k == "eps" or k.endswith("_step") or k.endswith("_eps"):
+            if not 0 <= num(k) <= 1:
+                raise BenchError(f"{method}.{k} = {hp[k]!r}; accepted: a number in [0, 1] (pixel units, "
+                                 "e.g. 8/255)")
+        if k.endswith("_steps") and (not isinstance(hp[k], int) or hp[k] < 0):
+            raise BenchError(f"{method}.{k} = {hp[k]!r}; accepted: a non-negative integer")
+    ema = hp.get("ema")
+    if ema is not None and (not isinstance(ema, dict) or not 0 < float(ema.get("decay", -1)) < 1):
+        raise BenchError(f"{method}.ema = {ema!r}; accepted: none or {{decay = 0.999, warmup = true}}")
+
+
+def resolve_hp(method: str, preset: dict[str, Any], overrides: dict[str, Any],
+               sets: list[tuple[str | None, str, Any]], qualified_only: bool = False) -> dict[str, Any]:
+    """Method defaults < preset ``[method.<name>]`` < flag overrides < ``--set``.
+
+    With ``qualified_only`` (the shared pre-training run), only ``--set <method>.key=`` applies, not the plain flags
+    meant for the methods being run.
+    """
+    from methods import get_method
+
+    defaults = get_method(method).resolved_defaults()
+    hp = copy.deepcopy(defaults)
+    layers = [preset.get("method", {}).get(method, {})]
+    if not qualified_only:
+        layers.append({k: v for k, v in overrides.items() if v is not None})
+    for layer in layers:
+        for k, v in layer.items():
+            if k not in hp:
+                raise BenchError(f"unknown hyper-parameter {method}.{k}; accepted: {', '.join(sorted(hp))}")
+            hp[k] = copy.deepcopy(v)
+    for m, k, v in sets:
+        if m is not None and m != method:
+            continue
+        if m is None and qualified_only:
+            continue
+        if k not in hp:
+            if m is None:
+                continue  # an unqualified key another method of the command has; checked by check_sets
+            raise BenchError(f"unknown hyper-parameter {method}.{k}; accepted: {', '.join(sorted(hp))}")
+        hp[k] = v
+    if isinstance(hp.get("schedule"), str):
+        hp["schedule"] = {"name": hp["schedule"]}
+    validate_hp(method, hp, defaults)
+    return hp
+
+
+def check_sets(sets: list[tuple[str | None, str, Any]], methods: list[str]) -> None:
+    """Every ``--set`` must name a method of the command (or ``natural`` for pre-training) and a key it has."""
+    from methods import METHODS, get_method
+
+    for m, k, _ in sets:
+        if m is not None:
+            if m not in METHODS:
+                raise choice_error("method in --set", m, METHODS.names())
+            continue
+        if not any(k in get_method(name).resolved_defaults() for name in methods):
+            accepted = sorted({key for name in methods for key in get_method(name).resolved_defaults()})
+            raise BenchError(f"unknown hyper-parameter {k!r} in --set; accepted for {', '.join(methods)}: "
+                             f"{', '.join(accepted)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the resolved run
+
+
+@dataclass
+class RunConfig:
+    method: str
+    dataset: str
+    arch: str
+    seed: int
+    hp: dict[str, Any]
+    preset: str | None = None
+    subset: int | None = None
+    normalize: bool = False
+    precision: str = "fp32"
+    pretrained: str | None = None  # a run name (suite-trained) or "file:<sha256>" of --pretrained
+    pretrained_path: str | None = None
+    attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20", "aa"])
+    eval_n: int | None = None
+    aa_n: int | None = None
+    probe_n: int = 256
+    eval_batch_size: int = 256
+    # below: how to run, not what is run (not part of the run's identity)
+    device: str = "cpu"
+    channels_last: bool = False
+    compile: bool = False
+    data_dir: str | None = None
+    results_dir: str = "results"
+    download: bool = False
+
+    IDENTITY = ("method", "dataset", "arch", "seed", "hp", "subset", "normalize", "precision", "pretrained")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.IDENTITY}
+
+    @property
+    def run_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.dataset}_{self.arch}_{self.method}_s{self.seed}_{self.run_hash}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

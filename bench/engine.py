@@ -1,0 +1,315 @@
+"""The training loop: epochs, the method's schedule, optional EMA, AMP / channels_last / torch.compile, timing,
+the feature-gap probe, checkpoints and resume.
+
+The engine owns the data, the clock and the disk; the method owns its losses, attacks and optimiser steps. Per
+epoch it records loss, train accuracy, lr, wall time (synchronised, probe / checkpoint / evaluation excluded),
+images/s, peak GPU memory and the feature gap (METHODS-consistent probe, AFD Fig. 1a) in ``metrics.jsonl``, and
+writes a checkpoint (model, EMA, optimisers, method state, metrics) as safetensors. Shuffling, augmentation and the
+global RNG of epoch e are seeded from (seed, e), so a run resumed from its checkpoint after epoch e reaches the same
+weights bit for bit on a CPU as one that was never interrupted.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import load_latest, save_state
+from .config import RunConfig
+from .data import Dataset
+from .errors import BenchError
+from .evaluate import device_name, evaluate, feature_gap
+from .loader import DeviceLoader, hash_seed
+from .models import create_model
+from .models.loading import load_weights
+from .records import RunDir
+
+log = logging.getLogger("bench")
+
+
+class EMA:
+    """Exponential moving average of all parameters *and* buffers (BN statistics included) of a module.
+
+    ``decay_t = min(decay, (t+1)/(t+10))`` with ``warmup`` (AFD's ``tl+sl.py``, t = number of updates so far),
+    else ``decay``. Integer buffers (``num_batches_tracked``) are copied.
+    """
+
+    def __init__(self, module: nn.Module, decay: float = 0.999, warmup: bool = True):
+        self.module = copy.deepcopy(module).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.warmup, self.updates = float(decay), bool(warmup), 0
+
+    def current_decay(self) -> float:
+        return min(self.decay, (self.updates + 1) / (self.updates + 10)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = self.current_decay()
+        src = module.state_dict()
+        for k, v in self.module.state_dict().items():
+            s = src[k].detach()
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(s.to(v.dtype), alpha=1 - d)
+            else:
+                v.copy_(s)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def resolve_device(name: str) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"unknown --device {name!r}; accepted: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {name}: no CUDA GPU is visible here; accepted: cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BenchError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif dev.type != "cpu":
+        raise BenchError(f"unknown --device {name!r}; accepted: auto, cpu, cuda, cuda:N")
+    return dev
+
+
+def build_model(cfg: RunConfig, dataset: Dataset) -> nn.Module:
+    mean_std = dataset.stats() if cfg.normalize else (None, None)
+    return create_model(cfg.arch, dataset.num_classes, dataset.channels, *mean_std)
+
+
+def _summarise(sums: dict[str, torch.Tensor], steps: int, images: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in sums.items():
+        v = float(v)
+        if k == "correct_sum":
+            out["train_acc"] = 100.0 * v / max(images, 1)
+        elif k.endswith("_sum"):
+            out[k[:-4]] = v / max(images, 1)
+        else:
+            out[k] = v / max(steps, 1)
+    return out
+
+
+class Trainer:
+    """Trains one run (``cfg``) in ``run`` on ``dataset``; see the module docstring."""
+
+    def __init__(self, cfg: RunConfig, dataset: Dataset, run: RunDir, *, init_weights: str | Path | None = None,
+                 progress: bool = True, echo: Callable[[str], None] = print):
+        from methods import get_method
+
+        self.cfg, self.dataset, self.run = cfg, dataset, run
+        self.progress, self.echo = progress, echo
+        self.device = resolve_device(cfg.device)
+        self.method_cls = get_method(cfg.method)
+        hp = cfg.hp
+        train = dataset.train.per_class(cfg.subset) if cfg.subset else dataset.train
+        from .data import DATASETS
+
+        spec = DATASETS.get(cfg.dataset)
+        self.loader = DeviceLoader(train, hp["batch_size"], self.device, seed=hash_seed(cfg.seed, 17),
+                                   pad=spec.crop_pad, flip=spec.flip)
+        if len(self.loader) == 0:
+            raise BenchError(f"the training split has {len(train)} images, fewer than one batch of "
+                             f"{hp['batch_size']}")
+        torch.manual_seed(hash_seed(cfg.seed, 0xA11))
+        model = build_model(cfg, dataset)
+        teacher = None
+        if init_weights is not None:
+            load_weights(model, init_weights)
+            teacher = copy.deepcopy(model)
+        elif self.method_cls.starts_from != "scratch":
+            raise BenchError(f"method {cfg.method} starts from a {self.method_cls.starts_from} model; none given")
+        model = model.to(self.device)
+        if teacher is not None:
+            teacher = teacher.to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.method = self.method_cls(hp, model, teacher, len(self.loader))
+        if cfg.compile:
+            self.method.net = torch.compile(model)
+        self.ema = EMA(model, hp["ema"]["decay"], hp["ema"].get("warmup", True)) if hp.get("ema") else None
+        probe = dataset.test.head(cfg.probe_n)
+        self.probe_x = probe.x.to(self.device).float().div_(255)
+        self.probe_y = probe.y.to(self.device)
+        self.metrics: list[dict[str, Any]] = []
+        self.start_epoch = 0
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    @property
+    def ckpt_paths(self) -> tuple[Path, Path]:
+        return self.run.ckpt_dir / "last.safetensors", self.run.ckpt_dir / "prev.safetensors"
+
+    def state(self, epochs_done: int) -> dict[str, Any]:
+        return {"run_hash": self.cfg.run_hash, "epochs_done": epochs_done, "model": self.method.model.state_dict(),
+                "method": self.method.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "metrics": self.metrics}
+
+    def save_checkpoint(self, epochs_done: int) -> None:
+        last, prev = self.ckpt_paths
+        state = self.state(epochs_done)
+        if last.exists():
+            os.replace(last, prev)
+        save_state(last, state)
+
+    def resume(self) -> int:
+        found = load_latest(list(self.ckpt_paths))
+        if found is None:
+            return 0
+        state, path = found
+        if state.get("run_hash") != self.cfg.run_hash:
+            raise BenchError(f"checkpoint {path} belongs to another configuration (hash {state.get('run_hash')}, "
+                             f"this run {self.cfg.run_hash})")
+        self.method.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.metrics = list(state["metrics"])
+        self.start_epoch = int(state["epochs_done"])
+        self.run.write_metrics(self.metrics)
+        if self.start_epoch:
+            self.echo(f"[{self.tag}] resuming after epoch {self.start_epoch} from {path.name}")
+        return self.start_epoch
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    @property
+    def tag(self) -> str:
+        return f"{self.cfg.method} s{self.cfg.seed}"
+
+    def evaluated_module(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.method.model
+
+    def train(self, stop_after: int | None = None) -> None:
+        """Train from the current epoch to the last (or only ``stop_after`` epochs, for tests)."""
+        from tqdm import tqdm
+
+        cfg, hp, dev = self.cfg, self.cfg.hp, self.device
+        epochs = hp["epochs"]
+        amp = cfg.precision == "bf16"
+        end = epochs if stop_after is None else min(epochs, self.start_epoch + stop_after)
+        for epoch in range(self.start_epoch, end):
+            torch.manual_seed(hash_seed(cfg.seed, epoch, 1))
+            self.method.model.train()
+            self.method.begin_epoch(epoch)
+            sums: dict[str, torch.Tensor] = {}
+            first_bad = torch.tensor(-1, device=dev)
+            images = 0
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            bar = tqdm(total=len(self.loader), desc=f"{self.tag} epoch {epoch + 1}/{epochs}", unit="step",
+                       leave=False, disable=None if self.progress else True)
+            lr = self.method.lr_at(epoch, 0)
+            for step, batch in enumerate(self.loader.epoch(epoch)):
+                lr = self.method.lr_at(epoch, step)
+                self.method.set_lr(lr)
+                if cfg.channels_last:
+                    batch.x = batch.x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    out = self.method.train_step(batch, epoch, step)
+                if self.ema is not None:
+                    self.ema.update(self.method.model)
+                for k, v in out.items():
+                    v = v.detach().float()
+                    sums[k] = sums[k] + v if k in sums else v
+                if "loss" in out:
+                    bad = ~torch.isfinite(out["loss"].detach())
+                    first_bad = torch.where((first_bad < 0) & bad, torch.tensor(step, device=dev), first_bad)
+                images += batch.y.shape[0]
+                bar.update(1)
+            bar.close()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            seconds = time.perf_counter() - t0
+            if int(first_bad) >= 0:
+                raise BenchError(f"{self.tag}: the loss became NaN or inf at epoch {epoch + 1}, step "
+                                 f"{int(first_bad) + 1}; training stopped, the last good checkpoint "
+                                 f"(after epoch {epoch}) is kept")
+            row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": round(seconds, 4),
+                                   "images": images, "images_per_s": round(images / max(seconds, 1e-9), 2)}
+            row.update({k: round(v, 6) for k, v in _summarise(sums, len(self.loader), images).items()})
+            if dev.type == "cuda":
+                row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+            if self.probe_x.shape[0]:
+                module = self.evaluated_module()
+                fwd, feats = self.method.probe(module)
+                row["feature_gap"] = round(feature_gap(module, feats, self.probe_x, self.probe_y,
+                                                       eps=hp["eps"], seed=cfg.seed, forward=fwd), 6)
+            self.metrics.append(row)
+            self.save_checkpoint(epoch + 1)
+            self.run.write_metrics(self.metrics)
+            self.echo(self.format_row(row, epochs))
+        self.start_epoch = end
+
+    def format_row(self, row: dict[str, Any], epochs: int) -> str:
+        parts = [f"[{self.tag}] epoch {row['epoch']}/{epochs}", f"loss {row.get('loss', math.nan):.4f}"]
+        if "train_acc" in row:
+            parts.append(f"train acc {row['train_acc']:.1f}%")
+        parts.append(f"lr {row['lr']:.4g}")
+        parts.append(f"{row['seconds']:.1f}s ({row['images_per_s']:.0f} img/s)")
+        if "feature_gap" in row:
+            parts.append(f"feature gap {row['feature_gap']:.4f}")
+        return "  ".join(parts)
+
+    # -- the end ------------------------------------------------------------------------------------------------
+    def export(self) -> nn.Module:
+        """Export the evaluated classifier and save it as ``ckpt/model.safetensors`` (plain weights)."""
+        from safetensors.torch import save as st_save
+
+        from .fsutil import atomic_write
+
+        model = self.method.export(self.evaluated_module()).to("cpu").float()
+        model = model.to(memory_format=torch.contiguous_format)
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        meta = {"arch": self.cfg.arch, "num_classes": str(self.dataset.num_classes),
+                "channels": str(self.dataset.channels), "run": self.cfg.run_name}
+        data = st_save(sd, metadata=meta)
+        atomic_write(self.run.final_weights, lambda f: f.write(data))
+        return model
+
+
+def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module | None = None,
+                 progress: bool = True) -> dict:
+    """Evaluate the run's final model with its configured attacks; merges into ``eval.json``."""
+    from .fsutil import atomic_write_json
+
+    if model is None:
+        model = build_model(cfg, dataset)
+        load_weights(model, run.final_weights)
+    device = resolve_device(cfg.device)
+    existing = run.read_eval() or {"results": {}, "meta": {}}
+    todo = [a for a in cfg.attacks if a not in existing["results"]]
+    if "aa" in todo and cfg.aa_n is not None and cfg.aa_n != cfg.eval_n:
+        todo.remove("aa")
+        res_aa = evaluate(model, dataset.test, ["aa"], n=cfg.aa_n, device=device, seed=cfg.seed,
+                          batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state",
+                          progress=progress)
+        existing["results"]["aa"] = res_aa["results"]["aa"]
+        existing["meta"] = res_aa["meta"]
+    if todo:
+        res = evaluate(model, dataset.test, todo, n=cfg.eval_n, device=device, seed=cfg.seed,
+                       batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state", progress=progress)
+        existing["results"].update(res["results"])
+        existing["meta"] = res["meta"]
+    existing["meta"]["protocol"] = "METHODS.md §15.1: clean, PGD-20 (step 0.003, 1 random start), AutoAttack standard"
+    atomic_write_json(run.eval, existing)
+    return existing
+
+
+__all__ = ["EMA", "Trainer", "evaluate_run", "resolve_device", "build_model", "device_name"]

@@ -1,0 +1,165 @@
+"""Evaluation exactly as METHODS.md §15.1 (the AFD paper's protocol).
+
+* model in eval mode (set, then checked for every module), fp32 (autocast off);
+* ``clean``: top-1 accuracy;
+* ``pgd20``: L∞ PGD, ε = 8/255, 20 steps of 0.003, one U(−ε, ε) random start not clipped before the first step,
+  CE on the logits, projection to the ε-ball then [0, 1] after each step;
+* ``aa``: AutoAttack ``standard`` (APGD-CE, APGD-T, FAB-T, Square) from pyautoattack, ε = 8/255;
+* ``worst``: correct under every attack that was run (per point), when more than one was.
+
+on the first ``n`` test images (the full test set by default). Each number is stored with its n, seed, device,
+dtype and package versions. The PGD random starts come from a generator seeded by (seed, batch), so the same model
+gives the same numbers every time.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .attacks import assert_eval, autoattack, pgd
+from .data import Split
+from .errors import BenchError
+from .loader import hash_seed
+
+EPS = 8 / 255
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    description: str
+    steps: int = 0
+    step: float = 0.0
+
+
+ATTACKS = {
+    "clean": AttackSpec("clean", "no attack"),
+    "pgd20": AttackSpec("pgd20", "L∞ PGD-20, step 0.003, one U(−ε,ε) start (METHODS §15.1)", 20, 0.003),
+    "aa": AttackSpec("aa", "AutoAttack standard (pyautoattack): APGD-CE, APGD-T, FAB-T, Square"),
+}
+
+
+def parse_attacks(text: str | Sequence[str]) -> list[str]:
+    names = [a.strip().lower() for a in (text.split(",") if isinstance(text, str) else text) if a.strip()]
+    aliases = {"autoattack": "aa", "pgd-20": "pgd20", "natural": "clean"}
+    names = [aliases.get(a, a) for a in names]
+    bad = [a for a in names if a not in ATTACKS]
+    if bad or not names:
+        raise BenchError(f"unknown attack {bad[0] if bad else text!r}; accepted: {', '.join(ATTACKS)} "
+                         "(comma-separated)")
+    return list(dict.fromkeys(names))
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        model = ""
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        return f"cpu ({model or 'unknown'}, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def predict(model: Callable, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int | None = None, eps: float = EPS,
+             batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
+             state_dir: str | Path | None = None, progress: bool = True, aa_chunk: int = 1000) -> dict:
+    """Evaluate ``model`` on the first ``n`` images of ``split`` under ``attacks``; returns the eval record."""
+    from tqdm import tqdm
+
+    from .records import environment
+
+    attacks = parse_attacks(attacks)
+    device = torch.device(device)
+    split = split.head(n)
+    n = len(split)
+    model = model.to(device).float()
+    model.eval()
+    assert_eval(model)
+    digest = weights_digest(model)
+    x_all = split.x.to(device).float().div_(255)
+    y_all = split.y.to(device)
+    per_point: dict[str, torch.Tensor] = {}
+    results: dict[str, dict] = {}
+    meta = {"n": n, "seed": seed, "eps": eps, "device": device_name(device), "dtype": "float32",
+            "weights_sha256": digest, "versions": environment()}
+    for name in attacks:
+        t0 = time.perf_counter()
+        extra: dict = {}
+        with torch.autocast(device.type, enabled=False):
+            if name == "aa":
+                bar = tqdm(total=n, desc="AutoAttack", unit="img", leave=False, disable=not progress or None)
+                key = f"{digest}|{eps}|{seed}|standard|{n}"
+                flags, warnings_ = autoattack(model, x_all, y_all, eps=eps, batch_size=batch_size, seed=seed,
+                                              state_dir=state_dir, state_key=key, progress=bar.update)
+                bar.close()
+                correct = flags.to(device)
+                extra = {"version": "standard", "checks": warnings_}
+            else:
+                spec = ATTACKS[name]
+                correct = torch.zeros(n, dtype=torch.bool, device=device)
+                batches = range(0, n, batch_size)
+                for bi, i in enumerate(tqdm(batches, desc=name, unit="batch", leave=False,
+                                            disable=not progress or None)):
+                    xb, yb = x_all[i:i + batch_size], y_all[i:i + batch_size]
+                    if spec.steps:
+                        gen = torch.Generator(device=device).manual_seed(hash_seed(seed, bi))
+                        xb = pgd(model, xb, yb, eps=eps, step=spec.step, steps=spec.steps, random_start=True,
+                                 bn="eval", generator=gen)
+                    correct[i:i + batch_size] = predict(model, xb) == yb
+                if spec.steps:
+                    extra = {"steps": spec.steps, "step": spec.step, "restarts": 1, "random_start": "uniform"}
+        assert_eval(model)  # no attack may leave the model in train mode
+        per_point[name] = correct
+        c = int(correct.sum())
+        results[name] = {"acc": 100.0 * c / n, "correct": c, "n": n, "seconds": round(time.perf_counter() - t0, 3),
+                         **extra}
+    if len(per_point) > 1:
+        worst = torch.stack(list(per_point.values())).all(0)
+        c = int(worst.sum())
+        results["worst"] = {"acc": 100.0 * c / n, "correct": c, "n": n, "over": list(per_point)}
+    return {"meta": meta, "results": results}
+
+
+def feature_gap(model: nn.Module, features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor, *, eps: float = EPS, seed: int = 0,
+                forward: Callable | None = None) -> float:
+    """The AFD paper's Fig. 1a measure: the mean over images of ‖φ(x) − φ(x′)‖_∞, x′ the PGD-20 (§15.1) example of
+    the evaluated function and φ the feature map (g by default; AFD passes f₁ = D₁·g). Model in eval mode."""
+    if x.numel() == 0:
+        raise BenchError("the feature-gap probe needs at least one image")
+    with torch.autocast(x.device.type, enabled=False):
+        from .attacks import bn_mode
+
+        with bn_mode(model, "eval"):
+            gen = torch.Generator(device=x.device).manual_seed(hash_seed(seed, 7919))
+            x_adv = pgd(model, x, y, eps=eps, step=ATTACKS["pgd20"].step, steps=ATTACKS["pgd20"].steps, bn="eval",
+                        forward=forward, generator=gen)
+            with torch.no_grad():
+                d = (features(x) - features(x_adv)).abs().amax(dim=1)
+    return float(d.mean())

@@ -1,0 +1,101 @@
+"""Device-resident batches: the whole split is one uint8 tensor on the training device, and random crop (zero
+padding of 4 pixels) and horizontal flip are done on the device for a whole batch at once. No per-image Python
+work happens in the training loop.
+
+Shuffling and augmentation of epoch ``e`` are drawn from a generator seeded by (seed, e), so they depend only on
+the run's seed and the epoch: a resumed run sees exactly the batches the interrupted one would have seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .data import Split
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # float in [0, 1], (B, C, H, W)
+    y: torch.Tensor  # int64 (B,)
+    idx: torch.Tensor  # int64 (B,): indices into the split (for methods with per-example state)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True,
+            padding_mode: str = "constant") -> torch.Tensor:
+    """Random crop of ``pad``-padded images back to their size, and random horizontal flip, per image.
+
+    Works on uint8 or float tensors of shape (B, C, H, W) on any device; randomness comes from ``gen`` (a CPU
+    generator) so the result does not depend on the device.
+    """
+    b, c, h, w = x.shape
+    if pad > 0:
+        xp = F.pad(x.float() if padding_mode != "constant" else x, (pad, pad, pad, pad), mode=padding_mode)
+        xp = xp.to(x.dtype)
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device)[None])  # (B, H)
+        cols = (ox[:, None] + torch.arange(w, device=x.device)[None])  # (B, W)
+        bi = torch.arange(b, device=x.device)[:, None, None, None]
+        ci = torch.arange(c, device=x.device)[None, :, None, None]
+        x = xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    if flip:
+        f = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        x = torch.where(f[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class DeviceLoader:
+    """Iterate over a :class:`Split` held on ``device`` in shuffled, augmented batches of float images in [0, 1]."""
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device | str = "cpu", *, shuffle: bool = True,
+                 augment: bool = True, pad: int = 4, flip: bool = True, padding_mode: str = "constant",
+                 seed: int = 0, drop_last: bool = False):
+        self.x = split.x.to(device)
+        self.y = split.y.to(device)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.shuffle, self.augment, self.pad, self.flip = shuffle, augment, pad, flip
+        self.padding_mode = padding_mode
+        self.seed = seed
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n = self.y.shape[0]
+        full, rest = divmod(n, self.batch_size)
+        # a last batch of one image would break BatchNorm in train mode: it is dropped
+        return full + (1 if rest > 1 and not self.drop_last else 0)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch``, from ``start_step`` on (for resuming inside an epoch)."""
+        gen = torch.Generator().manual_seed(hash_seed(self.seed, epoch))
+        n = self.y.shape[0]
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for step in range(len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            xb = self.x[idx]
+            if self.augment:
+                xb = augment(xb, gen, self.pad, self.flip, self.padding_mode)
+            if step < start_step:
+                continue  # the generator still advances, so later steps draw the same numbers
+            yield Batch(xb.float().div_(255), self.y[idx], idx)
+
+    __iter__ = lambda self: self.epoch(0)  # noqa: E731
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    h = 1469598103934665603
+    for p in parts:
+        h ^= int(p) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def eval_batches(split: Split, batch_size: int, device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The split in order, unaugmented, as float batches on ``device``."""
+    for i in range(0, len(split), batch_size):
+        yield (split.x[i:i + batch_size].to(device).float().div_(255), split.y[i:i + batch_size].to(device))

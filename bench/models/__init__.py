@@ -1,0 +1,6 @@
+"""Architectures: a registry of :class:`~bench.models.base.Classifier` builders, and checkpoint loading."""
+from . import preact_resnet, resnet, small_cnn, wide_resnet  # noqa: F401  (register the architectures)
+from .base import Classifier, Normalize
+from .registry import MODELS, create_model
+
+__all__ = ["Classifier", "Normalize", "MODELS", "create_model"]

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..registry import Registry
+from .base import Classifier
+
+MODELS: Registry = Registry("architecture")
+
+
+def register_model(name: str, **info):
+    def deco(fn):
+        fn.arch_name = name
+        return MODELS.add(name, fn, **info)
+    return deco
+
+
+def create_model(arch: str, num_classes: int, in_channels: int = 3, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> Classifier:
+    model = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    model.arch = arch
+    return model

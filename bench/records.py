@@ -1,0 +1,163 @@
+"""Run records: one directory per run under ``results/runs/``, named ``<dataset>_<arch>_<method>_s<seed>_<hash>``
+(the hash covers every setting that changes the trained weights), holding
+
+* ``config.json``  — the resolved config, git commit, package versions, device;
+* ``metrics.jsonl`` — one line per finished epoch (loss, train accuracy, lr, seconds, images/s, memory, feature gap);
+* ``eval.json``    — clean / PGD-20 / AutoAttack numbers, each with n, seed, device, dtype and versions;
+* ``done``         — written last, when training and evaluation are complete;
+* ``ckpt/``        — checkpoints and the final weights (git-ignored; safetensors only).
+
+Every file is written atomically. :func:`collect_runs` gathers all runs into a pandas DataFrame.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .fsutil import RunLock, atomic_write_json, atomic_write_text, read_json
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict[str, Any]:
+    from importlib import metadata
+
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("torchvision", "pyautoattack", "robustbench", "timm", "safetensors", "numpy", "aft-bench"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    versions["cuda"] = torch.version.cuda
+    versions["git_commit"] = git_commit()
+    return versions
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @classmethod
+    def for_config(cls, cfg) -> "RunDir":
+        return cls(Path(cfg.results_dir) / "runs" / cfg.run_name)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    config = property(lambda self: self.path / "config.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    eval = property(lambda self: self.path / "eval.json")
+    done = property(lambda self: self.path / "done")
+    ckpt_dir = property(lambda self: self.path / "ckpt")
+    final_weights = property(lambda self: self.path / "ckpt" / "model.safetensors")
+    lock = property(lambda self: RunLock(self.path))
+
+    def is_done(self) -> bool:
+        return self.done.is_file()
+
+    def write_config(self, cfg, device_name: str) -> None:
+        record = {"config": cfg.to_dict(), "run_name": cfg.run_name, "run_hash": cfg.run_hash,
+                  "environment": environment(), "device": device_name, "argv": sys.argv}
+        atomic_write_json(self.config, record)
+
+    def read_config(self) -> dict[str, Any]:
+        return read_json(self.config)
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def read_eval(self) -> dict[str, Any] | None:
+        return read_json(self.eval) if self.eval.is_file() else None
+
+    def mark_done(self) -> None:
+        atomic_write_text(self.done, "done\n")
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.read_config() if self.config.is_file() else {}
+        c = cfg.get("config", {})
+        rows = self.read_metrics()
+        epochs = c.get("hp", {}).get("epochs")
+        if self.is_done():
+            state = "done"
+        elif self.lock.is_held_by_other():
+            state = "running"
+        elif rows or self.config.is_file():
+            state = "partial"
+        else:
+            state = "empty"
+        return {"run": self.name, "state": state, "method": c.get("method"), "dataset": c.get("dataset"),
+                "arch": c.get("arch"), "seed": c.get("seed"), "epoch": len(rows), "epochs": epochs}
+
+
+def list_runs(results_dir: str | os.PathLike = "results") -> list[RunDir]:
+    root = Path(results_dir) / "runs"
+    if not root.is_dir():
+        return []
+    return [RunDir(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "config.json").is_file()]
+
+
+def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = False):
+    """All runs as a pandas DataFrame: one row per run with its config, timing and evaluation numbers.
+
+    Columns: run, method, dataset, arch, seed, preset, precision, state, epochs, epochs_done, sec_per_epoch
+    (mean over epochs), train_seconds (sum), device, final_loss, final_feature_gap, and for every evaluated attack
+    ``<attack>`` (accuracy in %) and ``<attack>_n``; ``hp.<key>`` for every hyper-parameter.
+    """
+    import pandas as pd
+
+    rows = []
+    for run in list_runs(results_dir):
+        st = run.status()
+        if done_only and st["state"] != "done":
+            continue
+        rec = run.read_config()
+        c = rec.get("config", {})
+        metrics = run.read_metrics()
+        row = {"run": run.name, "path": str(run.path), "method": c.get("method"), "dataset": c.get("dataset"),
+               "arch": c.get("arch"), "seed": c.get("seed"), "preset": c.get("preset"),
+               "precision": c.get("precision"), "state": st["state"], "epochs": c.get("hp", {}).get("epochs"),
+               "epochs_done": len(metrics), "device": rec.get("device"), "pretrained": c.get("pretrained")}
+        if metrics:
+            secs = [m["seconds"] for m in metrics if "seconds" in m]
+            row["sec_per_epoch"] = sum(secs) / len(secs) if secs else None
+            row["train_seconds"] = sum(secs)
+            row["final_loss"] = metrics[-1].get("loss")
+            row["final_feature_gap"] = metrics[-1].get("feature_gap")
+        for k, v in c.get("hp", {}).items():
+            row[f"hp.{k}"] = json.dumps(v) if isinstance(v, (dict, list)) else v
+        ev = run.read_eval()
+        if ev:
+            for name, r in ev.get("results", {}).items():
+                row[name] = r.get("acc")
+                row[f"{name}_n"] = r.get("n")
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,215 @@
+"""Orchestration of ``bench run``: resolve configs for methods × seeds, train the shared starting models a method
+needs (once per dataset / architecture / seed / preset), train and evaluate each run, and summarise.
+
+A finished run (``done`` marker) is not trained again; an unfinished one resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig, check_sets, load_preset, parse_seeds, parse_sets, resolve_hp, PRECISIONS
+from .data import DATASETS, Dataset, load_dataset
+from .errors import BenchError, choice_error
+from .evaluate import parse_attacks
+from .models import MODELS
+from .records import RunDir
+
+STARTING_METHOD = {"natural": "natural", "adversarial": "pgd-at"}
+
+
+@dataclass
+class RunRequest:
+    """What ``bench run`` was asked, before resolution (None = take it from the preset, else the default)."""
+
+    methods: list[str] | None = None
+    dataset: str | None = None
+    arch: str | None = None
+    seeds: str | list[int] | None = None
+    preset: str | None = None
+    data_dir: str | None = None
+    subset: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    sets: list[str] = field(default_factory=list)
+    attacks: str | list[str] | None = None
+    eval_n: int | None = None
+    aa_n: int | None = None
+    probe_n: int | None = None
+    device: str = "auto"
+    precision: str | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+    normalize: bool | None = None
+    pretrained: str | None = None
+    results_dir: str = "results"
+    download: bool = False
+
+
+def _pick(flag, preset_run: dict, key: str, default):
+    if flag is not None:
+        return flag
+    return preset_run.get(key, default)
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Planned:
+    """One run to do, and the run of the shared starting model it needs first (if the suite trains it)."""
+
+    cfg: RunConfig
+    base: RunConfig | None = None
+
+
+def plan(req: RunRequest) -> list[Planned]:
+    """Resolve a request into one run per (method, seed); validates every value first."""
+    from methods import METHODS
+
+    preset = load_preset(req.preset)
+    run = preset["run"]
+    methods = req.methods if req.methods is not None else run.get("methods")
+    if not methods:
+        raise BenchError("no methods given; pass --methods (e.g. natural,pgd-at) or a --preset that names them")
+    for m in methods:
+        METHODS.get(m)
+    dataset = _pick(req.dataset, run, "dataset", "synthetic")
+    DATASETS.get(dataset)
+    arch = _pick(req.arch, run, "arch", "resnet18")
+    MODELS.get(arch)
+    seeds = parse_seeds(req.seeds if req.seeds is not None else run.get("seeds", [0]))
+    precision = _pick(req.precision, run, "precision", "fp32")
+    if precision not in PRECISIONS:
+        raise choice_error("precision", precision, PRECISIONS)
+    attacks = parse_attacks(_pick(req.attacks, run, "attacks", ["clean", "pgd20", "aa"]))
+    ints = {"subset": _pick(req.subset, run, "subset", None), "eval_n": _pick(req.eval_n, run, "eval_n", None),
+            "aa_n": _pick(req.aa_n, run, "aa_n", None), "probe_n": _pick(req.probe_n, run, "probe_n", 256),
+            "eval_batch_size": run.get("eval_batch_size", 256)}
+    for k, v in ints.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "probe_n" else 1)):
+            raise BenchError(f"--{k.replace('_', '-')} {v!r}; accepted: a positive integer")
+    if ints["aa_n"] is None:
+        ints["aa_n"] = ints["eval_n"]
+    sets = parse_sets(req.sets)
+    check_sets(sets, methods)
+    overrides = {"epochs": req.epochs, "batch_size": req.batch_size, "lr": req.lr}
+    pretrained_id = None
+    if req.pretrained is not None:
+        if not Path(req.pretrained).is_file():
+            raise BenchError(f"--pretrained {req.pretrained} does not exist; accepted: a checkpoint file "
+                             "(.safetensors, .pt, .pth)")
+        pretrained_id = f"file:{file_digest(req.pretrained)}"
+    common = dict(dataset=dataset, arch=arch, preset=preset["name"], precision=precision, attacks=attacks,
+                  normalize=bool(_pick(req.normalize, run, "normalize", False)),
+                  channels_last=bool(_pick(req.channels_last, run, "channels_last", False)),
+                  compile=bool(_pick(req.compile, run, "compile", False)), device=req.device,
+                  data_dir=req.data_dir, results_dir=req.results_dir, download=req.download, **ints)
+    configs = []
+    for seed in seeds:
+        for m in methods:
+            hp = resolve_hp(m, preset, overrides, sets)
+            cfg = RunConfig(method=m, seed=seed, hp=hp, **common)
+            base_cfg = None
+            starts = METHODS.get(m).starts_from
+            if starts != "scratch":
+                if pretrained_id is not None:
+                    cfg.pretrained, cfg.pretrained_path = pretrained_id, str(req.pretrained)
+                else:
+                    base = STARTING_METHOD[starts]
+                    base_cfg = RunConfig(method=base, seed=seed, hp=resolve_hp(base, preset, {}, sets,
+                                                                                 qualified_only=True), **common)
+                    cfg.pretrained = base_cfg.run_name
+                    cfg.pretrained_path = str(RunDir.for_config(base_cfg).final_weights)
+            configs.append(Planned(cfg, base_cfg))
+    return configs
+
+
+class Runner:
+    def __init__(self, progress: bool = True, echo: Callable[[str], None] = print):
+        self.progress, self.echo = progress, echo
+        self._data: dict[tuple, Dataset] = {}
+
+    def dataset(self, cfg: RunConfig) -> Dataset:
+        key = (cfg.dataset, cfg.data_dir)
+        if key not in self._data:
+            self._data[key] = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+        return self._data[key]
+
+    def execute(self, cfg: RunConfig, base: RunConfig | None = None) -> RunDir:
+        """Train (or resume) and evaluate one run, after its starting model ``base``; a finished run only gets
+        the evaluations it lacks."""
+        from .engine import Trainer, evaluate_run, resolve_device
+        from .evaluate import device_name
+
+        if base is not None:
+            base_run = RunDir.for_config(base)
+            if not base_run.is_done():
+                self.echo(f"[{cfg.method} s{cfg.seed}] needs the {base.method} model {base.run_name}: training it "
+                          "first")
+            self.execute(base)
+        run = RunDir.for_config(cfg)
+        device = resolve_device(cfg.device)
+        if run.is_done():
+            ev = run.read_eval() or {"results": {}}
+            if all(a in ev["results"] for a in cfg.attacks):
+                self.echo(f"[{cfg.method} s{cfg.seed}] already done: {run.path}")
+                return run
+        dataset = self.dataset(cfg)
+        with run.lock.hold():
+            if not run.config.is_file():
+                run.write_config(cfg, device_name(device))
+            if run.is_done():
+                evaluate_run(cfg, dataset, run, progress=self.progress)
+                return run
+            trainer = Trainer(cfg, dataset, run, init_weights=cfg.pretrained_path, progress=self.progress,
+                              echo=self.echo)
+            trainer.resume()
+            trainer.train()
+            model = trainer.export()
+            self.echo(f"[{cfg.method} s{cfg.seed}] evaluating: {', '.join(cfg.attacks)}")
+            evaluate_run(cfg, dataset, run, model, progress=self.progress)
+            run.mark_done()
+        return run
+
+
+def summary_rows(runs: list[RunDir]) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        c = run.read_config()["config"]
+        metrics = run.read_metrics()
+        ev = (run.read_eval() or {}).get("results", {})
+        secs = [m["seconds"] for m in metrics]
+        rows.append({"method": c["method"], "seed": c["seed"], "dataset": c["dataset"], "arch": c["arch"],
+                     **{a: ev.get(a, {}).get("acc") for a in ("clean", "pgd20", "aa")},
+                     **{f"{a}_n": ev.get(a, {}).get("n") for a in ("clean", "pgd20", "aa")},
+                     "s_per_epoch": sum(secs) / len(secs) if secs else None, "epochs": len(metrics),
+                     "device": run.read_config().get("device"), "run": run.name})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Clean / PGD-20 / AutoAttack (accuracy %, with n) and seconds per epoch, one line per run."""
+    head = ["method", "seed", "Clean", "PGD-20", "AA", "s/epoch", "epochs", "run"]
+    lines = []
+    for r in rows:
+        def acc(a):
+            return "—" if r[a] is None else f"{r[a]:.2f} (n={r[a + '_n']})"
+        lines.append([r["method"], str(r["seed"]), acc("clean"), acc("pgd20"), acc("aa"),
+                      "—" if r["s_per_epoch"] is None else f"{r['s_per_epoch']:.2f}", str(r["epochs"]), r["run"]])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    devices = sorted({r["device"] for r in rows if r["device"]})
+    if devices:
+        out.append(f"device: {'; '.join(devices)}")
+    return "\n".join(out)

@@ -1,0 +1,63 @@
+"""Learning-rate schedules, as data: a method's ``schedule`` hyper-parameter is a dict with a ``name`` and the
+schedule's arguments, and :func:`lr_at` evaluates it at (epoch, step). Epochs are 0-based here; the sources count
+from 1, and each schedule says how it maps.
+
+* ``constant``
+* ``multistep`` (milestones, gamma): lr₀·γ^k with k = number of milestones m ≤ e+1 — "×0.1 at epoch 75" in the
+  1-based epoch count of TRADES' ``adjust_learning_rate`` (epochs 1..74 at lr₀, 75.. at 0.1·lr₀). Per epoch.
+* ``cosine``: lr₀·½(1 + cos(π t/T)) per step, T = all steps.
+* ``piecewise`` (points: [[epoch, factor], ...]): linear interpolation of lr₀·factor in fractional epochs, per step
+  (GradAlign's cyclic schedule, Wong et al.'s triangular one).
+* ``suzuki``: the AFT schedule of METHODS.md §9 (AFD code ``tl+sl.py`` L106-113): epochs 1-10 at lr₀, ×0.8 at
+  epoch 11, then halved at epochs 13, 15, 17, 19 (1-based).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import BenchError
+
+NAMES = ("constant", "multistep", "cosine", "piecewise", "suzuki")
+
+
+def lr_at(lr0: float, schedule: dict[str, Any] | str | None, epoch: int, step: int, steps_per_epoch: int,
+          epochs: int) -> float:
+    """Learning rate at 0-based ``epoch`` and 0-based ``step`` within it."""
+    if schedule is None:
+        schedule = {"name": "constant"}
+    if isinstance(schedule, str):
+        schedule = {"name": schedule}
+    name = schedule.get("name")
+    if name == "constant":
+        return lr0
+    if name == "multistep":
+        gamma = float(schedule.get("gamma", 0.1))
+        k = sum(1 for m in schedule.get("milestones", []) if epoch + 1 >= m)
+        return lr0 * gamma ** k
+    if name == "cosine":
+        total = max(1, epochs * steps_per_epoch)
+        t = epoch * steps_per_epoch + step
+        return lr0 * 0.5 * (1 + math.cos(math.pi * t / total))
+    if name == "piecewise":
+        pts = schedule.get("points")
+        if not pts:
+            raise BenchError("schedule 'piecewise' needs points = [[epoch, factor], ...]")
+        t = epoch + (step + 1) / max(1, steps_per_epoch)
+        xs, ys = [float(p[0]) for p in pts], [float(p[1]) for p in pts]
+        if t <= xs[0]:
+            return lr0 * ys[0]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if t <= x1:
+                return lr0 * (y0 + (y1 - y0) * (t - x0) / max(x1 - x0, 1e-12))
+        return lr0 * ys[-1]
+    if name == "suzuki":
+        e = epoch + 1
+        if e <= 10:
+            return lr0
+        lr = lr0 * 0.8
+        for m in (13, 15, 17, 19):
+            if e >= m:
+                lr *= 0.5
+        return lr
+    raise BenchError(f"unknown schedule {name!r}; accepted: {', '.join(NAMES)}")

@@ -1,0 +1,142 @@
+"""The Method interface and registry (DESIGN.md; DomainBed's ``Algorithm.update()`` in spirit).
+
+The engine owns the data, the clock and the disk; a method owns its losses, its attack and its optimiser steps:
+
+* ``defaults``: every hyper-parameter with the paper's value (epochs, batch size, lr, schedule, weight decay,
+  attack settings, method weights). Presets and flags override them; the resolved values go into the run record.
+* ``__init__(hp, model, teacher, steps_per_epoch)``: builds optimisers (several, if the method needs them), extra
+  modules and per-example state.
+* ``lr_at(epoch, step)``: the schedule; the engine sets it on every param group of every optimiser before a step.
+* ``train_step(batch, epoch, step) -> dict`` of 0-dim tensors to log (summed over the epoch by the engine; keys
+  ending in ``_sum`` are divided by the number of images, others by the number of steps). No host syncs.
+* ``state_dict()`` / ``load_state_dict()``: everything needed to resume mid-run besides the model weights.
+* ``export(module)``: the plain classifier that is evaluated (AFD folds D₁ into ω here).
+* ``probe(module)``: the (forward, feature map) pair of the feature-gap probe.
+
+Registering a name twice is an error. Variants and ablations are separate registered classes that reuse code.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from bench.errors import BenchError
+from bench.loader import Batch
+from bench.registry import Registry
+from bench.schedules import lr_at
+
+METHODS: Registry[type["Method"]] = Registry("method")
+
+STARTS_FROM = ("scratch", "natural", "adversarial")
+EPS = 8 / 255
+
+# hyper-parameters every method has, with the conventional CIFAR values (METHODS.md §18 "Common")
+COMMON_DEFAULTS: dict[str, Any] = {
+    "epochs": 100,
+    "batch_size": 128,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "nesterov": False,
+    "weight_decay": 5e-4,
+    "schedule": {"name": "constant"},
+    "eps": EPS,
+    "ema": None,  # None, or {"decay": 0.999, "warmup": true}: decay_t = min(decay, (t+1)/(t+10)) when warmup
+}
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    if not getattr(cls, "name", ""):
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.starts_from not in STARTS_FROM:
+        raise ValueError(f"{cls.__name__}.starts_from must be one of {STARTS_FROM}")
+    METHODS.add(cls.name, cls, starts_from=cls.starts_from, paper=cls.paper)
+    return cls
+
+
+class Method:
+    name: ClassVar[str] = ""
+    starts_from: ClassVar[str] = "scratch"
+    paper: ClassVar[str] = ""  # where the method is specified (METHODS.md section)
+    attack_bn: ClassVar[str | None] = None  # BN mode of the training attack, recorded in the run config
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def resolved_defaults(cls) -> dict[str, Any]:
+        out = copy.deepcopy(COMMON_DEFAULTS)
+        out.update(copy.deepcopy(cls.defaults))
+        return out
+
+    def __init__(self, hp: dict[str, Any], model: nn.Module, teacher: nn.Module | None = None,
+                 steps_per_epoch: int = 1):
+        self.hp = hp
+        self.model = model
+        self.net: Callable[[torch.Tensor], torch.Tensor] = model  # the engine may swap in a compiled forward
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        self.steps_per_epoch = steps_per_epoch
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.setup()
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Default: one SGD over all model parameters with the method's momentum and weight decay."""
+        self.optimizer = self.sgd(self.model.parameters())
+        self.optimizers = [self.optimizer]
+
+    def sgd(self, params) -> torch.optim.SGD:
+        hp = self.hp
+        return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"],
+                               nesterov=hp["nesterov"])
+
+    # -- schedule -----------------------------------------------------------------------------------------------
+    def lr_at(self, epoch: int, step: int) -> float:
+        return lr_at(self.hp["lr"], self.hp["schedule"], epoch, step, self.steps_per_epoch, self.hp["epochs"])
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lr
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def train_step(self, batch: Batch, epoch: int, step: int) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Hook called before the first step of every epoch (e.g. to re-draw per-example state)."""
+
+    @staticmethod
+    def ce_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        opts = state.get("optimizers", [])
+        if len(opts) != len(self.optimizers):
+            raise BenchError(f"checkpoint holds {len(opts)} optimiser states; method {self.name} has "
+                             f"{len(self.optimizers)}")
+        for o, s in zip(self.optimizers, opts):
+            o.load_state_dict(s)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def export(self, module: nn.Module | None = None) -> nn.Module:
+        """The plain classifier to evaluate (a copy of ``module``, default the trained model)."""
+        return copy.deepcopy(module if module is not None else self.model)
+
+    def probe(self, module: nn.Module) -> tuple[Callable, Callable]:
+        """(forward attacked, feature map) for the feature-gap probe; default (module, module.features)."""
+        return module, module.features
+
+
+def get_method(name: str) -> type[Method]:
+    return METHODS.get(name)
