@@ -156,6 +156,10 @@ class Runner:
                 self.echo(f"[{cfg.method} s{cfg.seed}] needs the {base.method} model {base.run_name}: training it "
                           "first")
             self.execute(base)
+            if not base_run.final_weights.is_file():
+                raise BenchError(f"the {base.method} run {base_run.path} is recorded as done but its weights "
+                                 f"({base_run.final_weights}, never in git) are not here; pass --pretrained PATH "
+                                 "or delete that run directory to train it again")
         run = RunDir.for_config(cfg)
         device = resolve_device(cfg.device)
         if run.is_done():

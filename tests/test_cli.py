@@ -1,0 +1,137 @@
+"""The command line: bad input gives one line naming the value and what is accepted, exit code 2, nothing written;
+good input runs, records, reports status and evaluates."""
+import json
+import sys
+
+import pytest
+
+from bench.cli import main
+
+
+def bench(capsys, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["bench", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+SMALL = ["--preset", "smoke", "--subset", "10", "--epochs", "1", "--attacks", "clean", "--eval-n", "20",
+         "--probe-n", "4", "--device", "cpu", "-q"]
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--methods", "natral"], r"unknown method 'natral'; accepted: natural, pgd-at"),
+    (["--dataset", "cifar11"], r"unknown dataset 'cifar11'; accepted: cifar10, cifar100"),
+    (["--arch", "resnet19"], r"unknown architecture 'resnet19'; accepted: preactresnet18, resnet18, resnet50"),
+    (["--preset", "fast"], r"unknown preset 'fast'; accepted: .*paper, smoke"),
+    (["--attacks", "clean,cw"], r"unknown attack 'cw'; accepted: clean, pgd20, aa"),
+    (["--seeds", "0,a"], r"malformed --seeds '0,a'; accepted: non-negative integers"),
+    (["--set", "eps"], r"malformed --set 'eps'; accepted: key=value or method.key=value"),
+    (["--set", "gamma=5"], r"unknown hyper-parameter 'gamma' in --set; accepted for natural, pgd-at: "),
+    (["--set", "pgd-at.eps=2"], r"pgd-at.eps = 2.0? ?; accepted: a number in \[0, 1\]|pgd-at.eps = 2; accepted"),
+    (["--set", "attack_step=-0.1"], r"pgd-at.attack_step = -0.1; accepted: a number in \[0, 1\]"),
+    (["--set", "natural.epochs=0"], r"natural.epochs = 0; accepted: a positive integer"),
+    (["--epochs", "0"], r"Invalid value for '--epochs': 0; accepted: a positive integer"),
+    (["--device", "cuda"], r"--device cuda: no CUDA GPU is visible here; accepted: cpu or auto"),
+    (["--device", "tpu"], r"unknown --device 'tpu'; accepted: auto, cpu, cuda, cuda:N"),
+    (["--precision", "fp8"], r"unknown precision 'fp8'; accepted: bf16, fp32"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], r"--data-dir /nonexistent/dir does not exist"),
+    (["--set", "foo.eps=1"], r"unknown method in --set 'foo'"),
+])
+def test_bad_run_input_is_one_line_exit_2_and_writes_nothing(capsys, monkeypatch, tmp_path, args, pattern):
+    import re
+
+    if args[:2] == ["--device", "cuda"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible")
+    results = tmp_path / "results"
+    code, out, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural,pgd-at", *args,
+                           "--results", str(results))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 or lines[0].startswith("Usage"), err
+    assert re.search(pattern, err), err
+    assert not results.exists()
+
+
+def test_a_results_path_that_is_a_file(capsys, monkeypatch, tmp_path):
+    f = tmp_path / "results"
+    f.write_text("keep me")
+    code, _, err = bench(capsys, monkeypatch, "run", *SMALL, "--results", str(f))
+    assert code == 2 and "is a file; accepted: a directory" in err and f.read_text() == "keep me"
+
+
+def test_eval_input_errors(capsys, monkeypatch, tmp_path):
+    code, _, err = bench(capsys, monkeypatch, "eval", str(tmp_path / "nope.pt"), "--arch", "resnet18",
+                         "--dataset", "cifar10")
+    assert code == 2 and "does not exist; accepted: a run directory, a checkpoint file, or robustbench:<name>" in err
+    ck = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"a": torch.zeros(1)}, ck)
+    code, _, err = bench(capsys, monkeypatch, "eval", str(ck))
+    assert code == 2 and "needs --arch and --dataset" in err
+    code, _, err = bench(capsys, monkeypatch, "eval", str(ck), "--arch", "smallcnn", "--dataset", "synthetic",
+                         "--eps", "9")
+    assert code == 2 and "--eps '9'; accepted: a number in [0, 1]" in err
+    code, _, err = bench(capsys, monkeypatch, "eval", str(ck), "--arch", "smallcnn", "--dataset", "synthetic")
+    assert code == 2 and "does not fit architecture smallcnn: missing" in err
+
+
+def test_run_then_status_eval_and_list(capsys, monkeypatch, tmp_path):
+    results = tmp_path / "results"
+    code, out, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--results", str(results))
+    assert code == 0, err
+    assert "Clean" in out and "PGD-20" in out and "AA" in out and "s/epoch" in out and "natural" in out
+    assert "[natural s0] epoch 1/1" in err
+    run_dir = next((results / "runs").iterdir())
+    code, out, _ = bench(capsys, monkeypatch, "status", "--results", str(results))
+    assert code == 0 and out.startswith("done") and run_dir.name in out
+    code, out, _ = bench(capsys, monkeypatch, "status", "--results", str(results), "--json")
+    assert json.loads(out.splitlines()[0])["state"] == "done"
+    code, out, err = bench(capsys, monkeypatch, "eval", str(run_dir), "--attacks", "clean,pgd20", "--n", "10", "-q")
+    assert code == 0, err
+    assert "pgd20" in out and "(" in out
+    assert "pgd20" in json.loads((run_dir / "eval.json").read_text())["results"]
+    # the run's final weights evaluated as a plain checkpoint file give the same clean number
+    code, out2, err = bench(capsys, monkeypatch, "eval", str(run_dir / "ckpt" / "model.safetensors"), "--arch",
+                            "smallcnn", "--dataset", "synthetic", "--attacks", "clean", "--n", "10", "-q",
+                            "--output", str(tmp_path / "e.json"))
+    assert code == 0, err
+    clean_dir = [line for line in out.splitlines() if "clean" in line][0].split()[1]
+    assert clean_dir in out2 and json.loads((tmp_path / "e.json").read_text())["results"]["clean"]["n"] == 10
+    code, out, _ = bench(capsys, monkeypatch, "list")
+    assert code == 0 and "pgd-at" in out and "starts from" in out and "tinyimagenet" in out and "smoke" in out
+
+
+def test_a_second_process_on_the_same_run_is_told_who_holds_it(capsys, monkeypatch, tmp_path):
+    import socket
+    import subprocess
+
+    from bench.runner import RunRequest, plan
+    from bench.records import RunDir
+
+    results = tmp_path / "results"
+    req = RunRequest(preset="smoke", methods=["natural"], subset=10, epochs=1, attacks="clean", eval_n=20,
+                     probe_n=4, device="cpu", results_dir=str(results))
+    run = RunDir.for_config(plan(req)[0].cfg)
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        run.path.mkdir(parents=True)
+        (run.path / ".lock").write_text(f"{socket.gethostname()} {holder.pid}\n")
+        code, _, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--results", str(results))
+        assert code == 2 and f"is in use by process {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is stale and taken over
+    code, _, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--results", str(results))
+    assert code == 0, err
+    assert run.is_done() and not (run.path / ".lock").exists()
