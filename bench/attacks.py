@@ -164,7 +164,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     capture = _Capture()
     logger = logging.getLogger("auto-attack")
     logger.addHandler(capture)
-    logger.propagate = False
+    propagate, logger.propagate = logger.propagate, False  # its warnings go into the record, not the console
     try:
         for start in range(0, x.shape[0], chunk):
             end = min(start + chunk, x.shape[0])
@@ -191,4 +191,5 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
                 progress(end - start)
     finally:
         logger.removeHandler(capture)
+        logger.propagate = propagate
     return flags, capture.messages

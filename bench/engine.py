@@ -285,8 +285,10 @@ class Trainer:
 
 
 def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module | None = None,
-                 progress: bool = True) -> dict:
-    """Evaluate the run's final model with its configured attacks; merges into ``eval.json``."""
+                 progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Evaluate the run's final model with the attacks it lacks; merges into ``eval.json`` after each group of
+    attacks (clean and PGD-20 on ``eval_n`` images, AutoAttack on ``aa_n``), so an interrupted evaluation keeps
+    what it finished."""
     from .fsutil import atomic_write_json
 
     if model is None:
@@ -294,21 +296,21 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
         load_weights(model, run.final_weights)
     device = resolve_device(cfg.device)
     existing = run.read_eval() or {"results": {}, "meta": {}}
-    todo = [a for a in cfg.attacks if a not in existing["results"]]
-    if "aa" in todo and cfg.aa_n is not None and cfg.aa_n != cfg.eval_n:
-        todo.remove("aa")
-        res_aa = evaluate(model, dataset.test, ["aa"], n=cfg.aa_n, device=device, seed=cfg.seed,
-                          batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state",
-                          progress=progress)
-        existing["results"]["aa"] = res_aa["results"]["aa"]
-        existing["meta"] = res_aa["meta"]
-    if todo:
-        res = evaluate(model, dataset.test, todo, n=cfg.eval_n, device=device, seed=cfg.seed,
+    groups: dict[int | None, list[str]] = {}
+    for a in cfg.attacks:
+        if a not in existing["results"]:
+            groups.setdefault(cfg.aa_n if a == "aa" else cfg.eval_n, []).append(a)
+    for n, attacks in groups.items():
+        res = evaluate(model, dataset.test, attacks, n=n, device=device, seed=cfg.seed,
                        batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state", progress=progress)
         existing["results"].update(res["results"])
         existing["meta"] = res["meta"]
-    existing["meta"]["protocol"] = "METHODS.md §15.1: clean, PGD-20 (step 0.003, 1 random start), AutoAttack standard"
-    atomic_write_json(run.eval, existing)
+        existing["meta"]["protocol"] = ("METHODS.md §15.1: clean, PGD-20 (step 0.003, 1 random start), "
+                                        "AutoAttack standard")
+        atomic_write_json(run.eval, existing)
+        for a in attacks:
+            r = res["results"][a]
+            echo(f"[{cfg.method} s{cfg.seed}] {a}: {r['acc']:.2f}% ({r['correct']}/{r['n']}, {r['seconds']:.1f}s)")
     return existing
 
 

@@ -83,8 +83,6 @@ class DeviceLoader:
                 continue  # the generator still advances, so later steps draw the same numbers
             yield Batch(xb.float().div_(255), self.y[idx], idx)
 
-    __iter__ = lambda self: self.epoch(0)  # noqa: E731
-
 
 def hash_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes and Python versions)."""

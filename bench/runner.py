@@ -172,7 +172,7 @@ class Runner:
             if not run.config.is_file():
                 run.write_config(cfg, device_name(device))
             if run.is_done():
-                evaluate_run(cfg, dataset, run, progress=self.progress)
+                evaluate_run(cfg, dataset, run, progress=self.progress, echo=self.echo)
                 return run
             trainer = Trainer(cfg, dataset, run, init_weights=cfg.pretrained_path, progress=self.progress,
                               echo=self.echo)
@@ -180,7 +180,7 @@ class Runner:
             trainer.train()
             model = trainer.export()
             self.echo(f"[{cfg.method} s{cfg.seed}] evaluating: {', '.join(cfg.attacks)}")
-            evaluate_run(cfg, dataset, run, model, progress=self.progress)
+            evaluate_run(cfg, dataset, run, model, progress=self.progress, echo=self.echo)
             run.mark_done()
         return run
 

@@ -139,3 +139,21 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous(tmp_path, syntheti
     with pytest.warns(UserWarning, match="falling back"):
         assert t2.resume() == 1
     assert [json.loads(line)["epoch"] for line in run.metrics.read_text().splitlines()] == [1]
+
+
+def test_bf16_autocast_and_channels_last_train_and_are_recorded(tmp_path):
+    fp32 = plan(small_request(tmp_path, methods=["pgd-at"], epochs=1))[0].cfg
+    (run,) = run_request(small_request(tmp_path, methods=["pgd-at"], epochs=1, precision="bf16", channels_last=True))
+    c = run.read_config()["config"]
+    assert c["precision"] == "bf16" and c["channels_last"] is True
+    assert run.name != fp32.run_name  # precision changes the weights, so it is part of the run's identity
+    assert run.read_eval()["meta"]["dtype"] == "float32"  # evaluation stays fp32
+    w = load_file(run.final_weights)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in w.values())
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_through_the_attacks_mode_switches(tmp_path):
+    (run,) = run_request(small_request(tmp_path, methods=["pgd-at"], epochs=1, subset=10, compile=True))
+    assert run.is_done() and run.read_config()["config"]["compile"] is True
+    assert run.read_metrics()[0]["loss"] == run.read_metrics()[0]["loss"]  # finite, not NaN
