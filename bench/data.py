@@ -225,7 +225,10 @@ def folder_layout(channels: int = 3, size: int | None = None, test_names=("test"
                 labels = [i for i, c in enumerate(classes) for _ in files[s].get(c, [])]
                 x = _decode_many(paths, channels, size, f"{root.name}/{s}")
                 splits.append(Split(x, torch.tensor(labels, dtype=torch.int64)))
-            return splits[0], splits[1], classes
+            # folders list the test images class by class; a fixed pseudo-random order (seed 0) makes the first n
+            # test images (--eval-n, the feature-gap probe) cover all classes, as the official CIFAR order does
+            test = splits[1].take(torch.randperm(len(splits[1]), generator=torch.Generator().manual_seed(0)))
+            return splits[0], test, classes
 
         return Layout("folders", root, all_files, read)
 
@@ -495,7 +498,7 @@ def _extract_archive(archive: Path, cache_dir: Path) -> Path:
 
 
 def _cache_key(spec: DatasetSpec, layout: Layout) -> str:
-    h = hashlib.sha256(f"{spec.name}|{layout.kind}|v1".encode())
+    h = hashlib.sha256(f"{spec.name}|{layout.kind}|v2".encode())
     for p in sorted(layout.files):
         st = p.stat()
         h.update(f"{p.relative_to(layout.root) if p.is_relative_to(layout.root) else p}|{st.st_size}|"

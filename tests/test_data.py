@@ -40,6 +40,10 @@ def test_cifar10_folder_layout_png_roundtrip(tmp_path):
     assert ds.train.x.shape == (20, 3, 32, 32) and ds.test.x.shape == (10, 3, 32, 32)
     assert ds.train.x.dtype == torch.uint8 and ds.train.y.tolist() == [i for i in range(10) for _ in range(2)]
     np.testing.assert_array_equal(ds.train.x[2].permute(1, 2, 0).numpy(), arrays[("train", "automobile", 0)])
+    # the test split is in a fixed mixed order, so that its first n images are not all of one class
+    assert sorted(ds.test.y.tolist()) == list(range(10)) and ds.test.y.tolist() != list(range(10))
+    for x, y in zip(ds.test.x, ds.test.y):
+        np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), arrays[("test", classes[y], 0)])
     # the dataset's own folder works too
     assert torch.equal(D.load_dataset("cifar10", tmp_path / "cifar10").test.x, ds.test.x)
 
