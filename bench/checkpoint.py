@@ -56,10 +56,11 @@ def _unflatten(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skel
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a dict of tensors (order-independent)."""
     h = hashlib.sha256()
     for k in sorted(tensors):
-        t = tensors[k]
+        t = tensors[k].detach().cpu().contiguous()
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
@@ -67,13 +68,19 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a flat dict of tensors atomically as a safetensors file."""
+    data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
 def save_state(path: str | os.PathLike, state: Any) -> None:
     """Write ``state`` atomically to ``path`` (a .safetensors file)."""
     tensors: dict[str, torch.Tensor] = {}
     skel = _flatten(state, tensors, "")
-    meta = {"format": FORMAT, "skeleton": json.dumps(skel), "sha256": _digest(tensors)}
-    data = st_save(tensors, metadata=meta)
-    atomic_write(path, lambda f: f.write(data))
+    write_safetensors(path, tensors, {"format": FORMAT, "skeleton": json.dumps(skel),
+                                      "sha256": tensor_digest(tensors)})
 
 
 class CorruptCheckpoint(BenchError):
@@ -91,7 +98,7 @@ def load_state(path: str | os.PathLike) -> Any:
         raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
     if meta.get("format") != FORMAT:
         raise CorruptCheckpoint(f"checkpoint {path} is not an aft-bench state file (format {meta.get('format')!r})")
-    if _digest(tensors) != meta.get("sha256"):
+    if tensor_digest(tensors) != meta.get("sha256"):
         raise CorruptCheckpoint(f"checkpoint {path} fails its SHA-256 check (truncated or modified)")
     return _unflatten(json.loads(meta["skeleton"]), tensors)
 

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BenchError
-from .fsutil import atomic_write
 from .registry import Registry
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -507,12 +506,10 @@ def _cache_key(spec: DatasetSpec, layout: Layout) -> str:
 
 
 def _save_cache(path: Path, ds: Dataset) -> None:
-    from safetensors.torch import save as st_save
+    from .checkpoint import write_safetensors
 
-    data = st_save({"train_x": ds.train.x.contiguous(), "train_y": ds.train.y.contiguous(),
-                    "test_x": ds.test.x.contiguous(), "test_y": ds.test.y.contiguous()},
-                   metadata={"classes": json.dumps(ds.classes), "source": ds.source, "layout": ds.layout})
-    atomic_write(path, lambda f: f.write(data))
+    write_safetensors(path, {"train_x": ds.train.x, "train_y": ds.train.y, "test_x": ds.test.x, "test_y": ds.test.y},
+                      {"classes": json.dumps(ds.classes), "source": ds.source, "layout": ds.layout})
 
 
 def _load_cache(path: Path, name: str) -> Dataset | None:

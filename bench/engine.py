@@ -270,17 +270,13 @@ class Trainer:
     # -- the end ------------------------------------------------------------------------------------------------
     def export(self) -> nn.Module:
         """Export the evaluated classifier and save it as ``ckpt/model.safetensors`` (plain weights)."""
-        from safetensors.torch import save as st_save
-
-        from .fsutil import atomic_write
+        from .checkpoint import write_safetensors
 
         model = self.method.export(self.evaluated_module()).to("cpu").float()
         model = model.to(memory_format=torch.contiguous_format)
-        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
         meta = {"arch": self.cfg.arch, "num_classes": str(self.dataset.num_classes),
                 "channels": str(self.dataset.channels), "run": self.cfg.run_name}
-        data = st_save(sd, metadata=meta)
-        atomic_write(self.run.final_weights, lambda f: f.write(data))
+        write_safetensors(self.run.final_weights, model.state_dict(), meta)
         return model
 
 

@@ -13,7 +13,6 @@ gives the same numbers every time.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .attacks import assert_eval, autoattack, pgd
+from .attacks import assert_eval, autoattack, bn_mode, pgd
+from .checkpoint import tensor_digest
 from .data import Split
 from .errors import BenchError
 from .loader import hash_seed
@@ -57,11 +57,7 @@ def parse_attacks(text: str | Sequence[str]) -> list[str]:
 
 
 def weights_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_digest(model.state_dict())[:16]
 
 
 def device_name(device: torch.device | str) -> str:
@@ -154,8 +150,6 @@ def feature_gap(model: nn.Module, features: Callable[[torch.Tensor], torch.Tenso
     if x.numel() == 0:
         raise BenchError("the feature-gap probe needs at least one image")
     with torch.autocast(x.device.type, enabled=False):
-        from .attacks import bn_mode
-
         with bn_mode(model, "eval"):
             gen = torch.Generator(device=x.device).manual_seed(hash_seed(seed, 7919))
             x_adv = pgd(model, x, y, eps=eps, step=ATTACKS["pgd20"].step, steps=ATTACKS["pgd20"].steps, bn="eval",

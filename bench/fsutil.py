@@ -131,7 +131,7 @@ class RunLock:
                 if h is not None and self.is_held_by_other():
                     raise BenchError(
                         f"run directory {self.path.parent} is in use by process {h[1]} on {h[0]}; "
-                        "wait for it to finish or stop it")
+                        "wait for it to finish or stop it") from None
                 # stale (dead process or unreadable): take it over
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)

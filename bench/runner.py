@@ -204,10 +204,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """Clean / PGD-20 / AutoAttack (accuracy %, with n) and seconds per epoch, one line per run."""
     head = ["method", "seed", "Clean", "PGD-20", "AA", "s/epoch", "epochs", "run"]
     lines = []
+    def acc(r, a):
+        return "—" if r[a] is None else f"{r[a]:.2f} (n={r[a + '_n']})"
+
     for r in rows:
-        def acc(a):
-            return "—" if r[a] is None else f"{r[a]:.2f} (n={r[a + '_n']})"
-        lines.append([r["method"], str(r["seed"]), acc("clean"), acc("pgd20"), acc("aa"),
+        lines.append([r["method"], str(r["seed"]), acc(r, "clean"), acc(r, "pgd20"), acc(r, "aa"),
                       "—" if r["s_per_epoch"] is None else f"{r['s_per_epoch']:.2f}", str(r["epochs"]), r["run"]])
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
