@@ -1,7 +1,8 @@
 """Run configuration: presets (``bench/configs/*.toml``) < method defaults < preset method sections < flags.
 
 A preset has a ``[run]`` table (dataset, architecture, methods, evaluation sizes, ...) and optional
-``[method.<name>]`` tables that override that method's defaults (a smoke preset shortens the epochs). Flags given on
+``[method.<name>]`` tables that override that method's defaults (a smoke preset shortens the epochs), after a
+``[method."*"]`` table whose keys apply to every method that has them. Flags given on
 the command line win over both. The resolved :class:`RunConfig` is what a run directory is named after (a hash of
 the settings that change the trained weights) and what ``config.json`` records.
 """
@@ -167,7 +168,9 @@ def resolve_hp(method: str, preset: dict[str, Any], overrides: dict[str, Any],
 
     defaults = get_method(method).resolved_defaults()
     hp = copy.deepcopy(defaults)
-    layers = [preset.get("method", {}).get(method, {})]
+    tables = preset.get("method", {})
+    # [method."*"] sets keys for every method that has them; [method.<name>] then overrides for that method
+    layers = [{k: v for k, v in tables.get("*", {}).items() if k in hp}, tables.get(method, {})]
     if not qualified_only:
         layers.append({k: v for k, v in overrides.items() if v is not None})
     for layer in layers:

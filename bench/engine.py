@@ -25,7 +25,7 @@ from .checkpoint import load_latest, save_state
 from .config import RunConfig
 from .data import Dataset
 from .errors import BenchError
-from .evaluate import device_name, evaluate, feature_gap
+from .evaluate import device_name, evaluate, feature_gaps
 from .loader import DeviceLoader, hash_seed
 from .models import create_model
 from .models.loading import load_weights
@@ -141,9 +141,10 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.method = self.method_cls(hp, model, teacher, len(self.loader))
+        trained = self.method.model  # may wrap the architecture (AFD adds D1, D2)
         if cfg.compile:
-            self.method.net = torch.compile(model)
-        self.ema = EMA(model, hp["ema"]["decay"], hp["ema"].get("warmup", True)) if hp.get("ema") else None
+            self.method.net = torch.compile(trained)
+        self.ema = EMA(trained, hp["ema"]["decay"], hp["ema"].get("warmup", True)) if hp.get("ema") else None
         probe = dataset.test.head(cfg.probe_n)
         self.probe_x = probe.x.to(self.device).float().div_(255)
         self.probe_y = probe.y.to(self.device)
@@ -202,6 +203,10 @@ class Trainer:
         epochs = hp["epochs"]
         amp = cfg.precision == "bf16"
         end = epochs if stop_after is None else min(epochs, self.start_epoch + stop_after)
+        if not self.metrics and self.probe_x.shape[0]:
+            # epoch 0: the gap of the starting model (the left end of the paper's Fig. 1a curves)
+            self.metrics.append({"epoch": 0, **self.probe()})
+            self.run.write_metrics(self.metrics)
         for epoch in range(self.start_epoch, end):
             torch.manual_seed(hash_seed(cfg.seed, epoch, 1))
             self.method.model.train()
@@ -247,15 +252,22 @@ class Trainer:
             if dev.type == "cuda":
                 row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
             if self.probe_x.shape[0]:
-                module = self.evaluated_module()
-                fwd, feats = self.method.probe(module)
-                row["feature_gap"] = round(feature_gap(module, feats, self.probe_x, self.probe_y,
-                                                       eps=hp["eps"], seed=cfg.seed, forward=fwd), 6)
+                row.update(self.probe())
             self.metrics.append(row)
             self.save_checkpoint(epoch + 1)
             self.run.write_metrics(self.metrics)
             self.echo(self.format_row(row, epochs))
         self.start_epoch = end
+
+    def probe(self) -> dict[str, float]:
+        """Feature gaps of the evaluated module on the fixed probe batch: ``feature_gap`` as the method defines it
+        (AFD Fig. 1a) and ``feature_gap_g``, ‖g(x) − g(x′)‖_∞ of the backbone features, the same for every method."""
+        module = self.evaluated_module()
+        fwd, nat, adv = self.method.probe(module)
+        gaps = feature_gaps(module, self.probe_x, self.probe_y, {"feature_gap": (nat, adv),
+                                                                 "feature_gap_g": (module.features, module.features)},
+                            eps=self.cfg.hp["eps"], seed=self.cfg.seed, forward=fwd)
+        return {k: round(v, 6) for k, v in gaps.items()}
 
     def format_row(self, row: dict[str, Any], epochs: int) -> str:
         parts = [f"[{self.tag}] epoch {row['epoch']}/{epochs}", f"loss {row.get('loss', math.nan):.4f}"]
@@ -278,6 +290,29 @@ class Trainer:
                 "channels": str(self.dataset.channels), "run": self.cfg.run_name}
         write_safetensors(self.run.final_weights, model.state_dict(), meta)
         return model
+
+
+def evaluate_heads(trainer: "Trainer", echo: Callable[[str], None] = print, progress: bool = True) -> None:
+    """Clean and PGD-20 accuracy of the method's extra heads (AFD's f₁ = ω·D₁·g and f₂ = ω·D₂·g of the evaluated
+    model: the paper's Table 4), saved under ``heads`` in ``eval.json``."""
+    from .fsutil import atomic_write_json
+
+    cfg, run = trainer.cfg, trainer.run
+    heads = trainer.method.eval_heads(trainer.evaluated_module())
+    if not heads:
+        return
+    ev = run.read_eval() or {"results": {}, "meta": {}}
+    done = ev.setdefault("heads", {})
+    attacks = [a for a in cfg.attacks if a != "aa"]
+    for name, head in heads.items():
+        if name in done or not attacks:
+            continue
+        res = evaluate(head, trainer.dataset.test, attacks, n=cfg.eval_n, device=trainer.device, seed=cfg.seed,
+                       batch_size=cfg.eval_batch_size, progress=progress)
+        done[name] = res["results"]
+        atomic_write_json(run.eval, ev)
+        echo(f"[{cfg.method} s{cfg.seed}] head {name}: " + ", ".join(
+            f"{a} {r['acc']:.2f}%" for a, r in res["results"].items() if a != "worst"))
 
 
 def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module | None = None,

@@ -142,18 +142,26 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
     return {"meta": meta, "results": results}
 
 
-def feature_gap(model: nn.Module, features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                y: torch.Tensor, *, eps: float = EPS, seed: int = 0,
-                forward: Callable | None = None) -> float:
-    """The AFD paper's Fig. 1a measure: the mean over images of ‖φ(x) − φ(x′)‖_∞, x′ the PGD-20 (§15.1) example of
-    the evaluated function and φ the feature map (g by default; AFD passes f₁ = D₁·g). Model in eval mode."""
+def feature_gaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 pairs: dict[str, tuple[Callable, Callable]], *, eps: float = EPS, seed: int = 0,
+                 forward: Callable | None = None) -> dict[str, float]:
+    """The AFD paper's Fig. 1a measure: for each named pair (φ_nat, φ_adv), the mean over images of
+    ‖φ_nat(x) − φ_adv(x′)‖_∞, where x′ is the PGD-20 (§15.1) example of ``forward`` (default ``model``), computed
+    once for all pairs with the model in eval mode (its modes are restored afterwards)."""
     if x.numel() == 0:
         raise BenchError("the feature-gap probe needs at least one image")
-    with torch.autocast(x.device.type, enabled=False):
-        with bn_mode(model, "eval"):
-            gen = torch.Generator(device=x.device).manual_seed(hash_seed(seed, 7919))
-            x_adv = pgd(model, x, y, eps=eps, step=ATTACKS["pgd20"].step, steps=ATTACKS["pgd20"].steps, bn="eval",
-                        forward=forward, generator=gen)
-            with torch.no_grad():
-                d = (features(x) - features(x_adv)).abs().amax(dim=1)
-    return float(d.mean())
+    out = {}
+    with torch.autocast(x.device.type, enabled=False), bn_mode(model, "eval"):
+        gen = torch.Generator(device=x.device).manual_seed(hash_seed(seed, 7919))
+        x_adv = pgd(model, x, y, eps=eps, step=ATTACKS["pgd20"].step, steps=ATTACKS["pgd20"].steps, bn="eval",
+                    forward=forward, generator=gen)
+        with torch.no_grad():
+            for name, (nat, adv) in pairs.items():
+                out[name] = float((nat(x) - adv(x_adv)).abs().amax(dim=1).mean())
+    return out
+
+
+def feature_gap(model: nn.Module, features: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor, *, eps: float = EPS, seed: int = 0, forward: Callable | None = None) -> float:
+    """‖φ(x) − φ(x′)‖_∞ averaged over images, one feature map φ on both sides (see :func:`feature_gaps`)."""
+    return feature_gaps(model, x, y, {"gap": (features, features)}, eps=eps, seed=seed, forward=forward)["gap"]

@@ -2,7 +2,8 @@
 (the hash covers every setting that changes the trained weights), holding
 
 * ``config.json``  — the resolved config, git commit, package versions, device;
-* ``metrics.jsonl`` — one line per finished epoch (loss, train accuracy, lr, seconds, images/s, memory, feature gap);
+* ``metrics.jsonl`` — one line per finished epoch (loss, train accuracy, lr, seconds, images/s, memory, feature gaps),
+  after a line for epoch 0 with the feature gaps of the starting model;
 * ``eval.json``    — clean / PGD-20 / AutoAttack numbers, each with n, seed, device, dtype and versions;
 * ``done``         — written last, when training and evaluation are complete;
 * ``ckpt/``        — checkpoints and the final weights (git-ignored; safetensors only).
@@ -90,10 +91,13 @@ class RunDir:
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         atomic_write_text(self.metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
-    def read_metrics(self) -> list[dict[str, Any]]:
+    def read_metrics(self, start: bool = False) -> list[dict[str, Any]]:
+        """The per-epoch rows (epoch ≥ 1); with ``start``, also the epoch-0 row (the feature-gap probe of the
+        starting model, before any training)."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        return rows if start else [r for r in rows if r.get("epoch", 1) >= 1]
 
     def read_eval(self) -> dict[str, Any] | None:
         return read_json(self.eval) if self.eval.is_file() else None
@@ -146,6 +150,9 @@ def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = F
                "arch": c.get("arch"), "seed": c.get("seed"), "preset": c.get("preset"),
                "precision": c.get("precision"), "state": st["state"], "epochs": c.get("hp", {}).get("epochs"),
                "epochs_done": len(metrics), "device": rec.get("device"), "pretrained": c.get("pretrained")}
+        start = [m for m in run.read_metrics(start=True) if m.get("epoch") == 0]
+        if start:
+            row["feature_gap_start"] = start[0].get("feature_gap")
         if metrics:
             secs = [m["seconds"] for m in metrics if "seconds" in m]
             row["sec_per_epoch"] = sum(secs) / len(secs) if secs else None

@@ -11,7 +11,8 @@ The engine owns the data, the clock and the disk; a method owns its losses, its 
   ending in ``_sum`` are divided by the number of images, others by the number of steps). No host syncs.
 * ``state_dict()`` / ``load_state_dict()``: everything needed to resume mid-run besides the model weights.
 * ``export(module)``: the plain classifier that is evaluated (AFD folds D₁ into ω here).
-* ``probe(module)``: the (forward, feature map) pair of the feature-gap probe.
+* ``probe(module)``: the function the feature-gap probe attacks and its (natural, adversarial) feature maps.
+* ``eval_heads(module)``: extra classifier heads evaluated at the end (AFD's f₁ / f₂ heads, the paper's Table 4).
 
 Registering a name twice is an error. Variants and ablations are separate registered classes that reuse code.
 """
@@ -23,6 +24,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from bench.attacks import pgd
 from bench.errors import BenchError
 from bench.loader import Batch
 from bench.registry import Registry
@@ -110,6 +112,13 @@ class Method:
     def begin_epoch(self, epoch: int) -> None:
         """Hook called before the first step of every epoch (e.g. to re-draw per-example state)."""
 
+    def pgd_attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The method's training PGD: ``attack_steps`` steps of ``attack_step`` in the ε-ball, U(−ε, ε) start
+        (not clipped, as the AFD/TRADES code), CE on ``self.net``, model in the method's ``attack_bn`` mode."""
+        hp = self.hp
+        return pgd(self.model, x, y, eps=hp["eps"], step=hp["attack_step"], steps=hp["attack_steps"],
+                   random_start=True, bn=self.attack_bn or "eval", forward=self.net)
+
     @staticmethod
     def ce_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -133,9 +142,15 @@ class Method:
         """The plain classifier to evaluate (a copy of ``module``, default the trained model)."""
         return copy.deepcopy(module if module is not None else self.model)
 
-    def probe(self, module: nn.Module) -> tuple[Callable, Callable]:
-        """(forward attacked, feature map) for the feature-gap probe; default (module, module.features)."""
-        return module, module.features
+    def probe(self, module: nn.Module) -> tuple[Callable, Callable, Callable]:
+        """(forward attacked, φ_nat, φ_adv) of the feature-gap probe: the gap is ‖φ_nat(x) − φ_adv(x′)‖_∞ with x′
+        the PGD-20 example of the forward. Default: the module and its own features g on both sides (AFD Fig. 1a
+        for the baselines)."""
+        return module, module.features, module.features
+
+    def eval_heads(self, module: nn.Module) -> dict[str, nn.Module]:
+        """Extra heads evaluated (clean, PGD-20) on the final model besides the exported classifier; default none."""
+        return {}
 
 
 def get_method(name: str) -> type[Method]:

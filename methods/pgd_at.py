@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from bench.attacks import pgd
-
 from .base import Method, register_method
 
 
@@ -30,13 +28,8 @@ class PGDAT(Method):
         "attack_step": 2 / 255,
     }
 
-    def adversarial(self, x, y):
-        hp = self.hp
-        return pgd(self.model, x, y, eps=hp["eps"], step=hp["attack_step"], steps=hp["attack_steps"],
-                   random_start=True, bn=self.attack_bn, forward=self.net)
-
     def train_step(self, batch, epoch, step):
-        x_adv = self.adversarial(batch.x, batch.y)
+        x_adv = self.pgd_attack(batch.x, batch.y)
         logits = self.net(x_adv)
         loss = F.cross_entropy(logits, batch.y)
         self.ce_step(self.optimizer, loss)

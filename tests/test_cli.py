@@ -24,7 +24,7 @@ SMALL = ["--preset", "smoke", "--subset", "10", "--epochs", "1", "--attacks", "c
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["--methods", "natral"], r"unknown method 'natral'; accepted: natural, pgd-at"),
+    (["--methods", "natral"], r"unknown method 'natral'; accepted: afd, afd-literal, afkd, arrest, natural, pgd-at, vaft"),
     (["--dataset", "cifar11"], r"unknown dataset 'cifar11'; accepted: cifar10, cifar100"),
     (["--arch", "resnet19"], r"unknown architecture 'resnet19'; accepted: preactresnet18, resnet18, resnet50"),
     (["--preset", "fast"], r"unknown preset 'fast'; accepted: .*paper, smoke"),

@@ -138,7 +138,9 @@ def test_a_fine_tuning_method_gets_the_suites_natural_model_trained_once(tmp_pat
     assert runs[0].read_config()["config"]["pretrained"] == natural[0].name
     assert any("training it first" in m for m in messages)
     # the natural model is the preset's natural run (smoke: 8 epochs), not shortened by --epochs
-    assert len((natural[0] / "metrics.jsonl").read_text().splitlines()) == 8
+    from bench.records import RunDir
+
+    assert len(RunDir(natural[0]).read_metrics()) == 8
     # a second fine-tuning run (another hyper-parameter) reuses it
     messages.clear()
     run_request(small_request(tmp_path, methods=["test-finetune"], lr=0.02), echo=messages.append)

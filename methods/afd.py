@@ -1,0 +1,213 @@
+"""AFD — Adversarial Fine-tuning via Disentanglement (Zhou et al., AAAI 2025), METHODS.md §14, and its variants:
+
+* ``afd``: the **code-faithful** update of §14.4 (the one that made the paper's numbers, Decision 4);
+* ``afd-literal``: Algorithm 1 read literally (§14.4 "paper-literal");
+* ``vaft+d``: AFD with γ = 0, disentanglement without alignment (Table 3).
+
+Model (§14.1). Between the backbone g and the classifier ω two bias-free d×d linear blocks D₁, D₂, both initialised to
+the identity, so the training model starts as the pre-trained one. Training forward on u: h = g(u), f₁ = D₁h,
+f₂ = D₂·sg(h) (D₂'s input is detached: nothing from the f₂ branch reaches the backbone), z₁ = ωf₁, z₂ = ωf₂.
+Eval forward: ω·D₁·g(u). Exported (evaluated) model: D₁ folded into ω (W_ω·W_D₁, bias unchanged), a plain network.
+
+Step (§14.2-14.4, 14.6). x′ = PGD-10 (ε 8/255, step 0.007, U(−ε, ε) start) of CE(ω D₁ g(x′), y) with the student in
+eval mode; teacher features t = g_P(x) of the clean batch (frozen, eval mode, no grad); one train-mode forward on x′;
+y′ = argmax_{k≠y} z₁ (no grad);
+L₁ = CE(z₂, y′), L₂ = mean cos(f₁, sg f₂), L₃ = CE(z₁, y) + γ·(1 − mean cos(f₁, t)).
+Gradients at θ_t, all from that one forward with ``torch.autograd.grad`` before any step:
+G₁ = ∇(αL₁) w.r.t. {D₂, ω}, G₂ = ∇(βL₂) w.r.t. θ₁, G₃ = ∇L₃ w.r.t. θ₁ (θ₁ = every parameter but D₂).
+Three momentum-SGD optimisers with their own buffers (and weight decay each): O₁ over D₂, O₂ and O over θ₁.
+
+=================  =======================  =========================
+step               code-faithful (``afd``)  literal (``afd-literal``)
+=================  =======================  =========================
+O₁ (D₂)            G₁|D₂                    G₁|D₂
+O₂ (θ₁)            G₁|ω + G₂                G₂
+O  (θ₁)            G₁|ω + G₂ + G₃           G₃
+=================  =======================  =========================
+
+(The authors' code backpropagates αL₁, βL₂, L₃ in turn with accumulating gradients and steps after each — which
+modern PyTorch refuses, METHODS §14.4 / §17 #4; computing all three at θ_t reproduces it up to second order in lr.)
+EMA of every parameter and buffer with decay min(0.999, (t+1)/(t+10)); the EMA copy is what is evaluated.
+Hyper-parameters α = 0.05, β = 0.25, γ = 25, lr₀ 0.025 with the §9 schedule, weight decay 5e-4, 20 epochs.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .afkd import angular_distance
+from .base import Method, register_method
+from .vaft import AFT_DEFAULTS
+
+
+def identity_linear(d: int) -> nn.Linear:
+    lin = nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(d))
+    return lin
+
+
+class Disentangled(nn.Module):
+    """The AFD training model: a :class:`~bench.models.base.Classifier` ``base`` (g and ω) with D₁, D₂ inserted."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        d = base.feature_dim
+        p = next(base.parameters())
+        self.d1 = identity_linear(d).to(p.device, p.dtype)
+        self.d2 = identity_linear(d).to(p.device, p.dtype)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """g(x), the backbone features before the disentangler."""
+        return self.base.features(x)
+
+    def f1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d1(self.base.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval forward ω·D₁·g(x): what the attack targets and what folding reproduces."""
+        return self.base.fc(self.f1(x))
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Training forward: (h, f₁, f₂, z₁, z₂) with f₂ = D₂·sg(h)."""
+        h = self.base.features(x)
+        f1 = self.d1(h)
+        f2 = self.d2(h.detach())
+        return h, f1, f2, self.base.fc(f1), self.base.fc(f2)
+
+    def omega(self) -> list[nn.Parameter]:
+        return [self.base.fc.weight, self.base.fc.bias]
+
+    def fold(self) -> nn.Module:
+        """A plain copy of ``base`` whose classifier is W_ω·W_D₁ (bias unchanged): its logits are ω·D₁·g."""
+        plain = copy.deepcopy(self.base)
+        with torch.no_grad():
+            plain.fc.weight.copy_(self.base.fc.weight @ self.d1.weight)
+        return plain
+
+
+class _Head(nn.Module):
+    """ω·D·g of a :class:`Disentangled` model for D = D₁ or D₂ (the f₁ / f₂ heads of the paper's Table 4)."""
+
+    def __init__(self, model: Disentangled, which: str):
+        super().__init__()
+        self.model, self.which = model, which
+
+    def forward(self, x):
+        d = self.model.d1 if self.which == "f1" else self.model.d2
+        return self.model.base.fc(d(self.model.base.features(x)))
+
+
+def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+
+
+def _step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], grads: Iterable[torch.Tensor]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+
+
+def confusing_label(z1: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y′ = argmax_{k≠y} z₁[k] (METHODS §14.3, §17 #22): never the true label."""
+    z = z1.detach().clone()
+    z[torch.arange(z.shape[0], device=z.device), y] = float("-inf")
+    return z.argmax(1)
+
+
+@register_method
+class AFD(Method):
+    name = "afd"
+    starts_from = "natural"
+    paper = "METHODS.md §14, code-faithful update of §14.4 (Zhou et al. 2025, Algorithm 1 as the code runs it)"
+    attack_bn = "eval"
+    literal = False
+    defaults = {**AFT_DEFAULTS, "attack_step": 0.007, "alpha": 0.05, "beta": 0.25, "gamma": 25.0,
+                "ema": {"decay": 0.999, "warmup": True}}
+
+    def setup(self) -> None:
+        self.model = Disentangled(self.model)
+        self.net = self.model
+        self.theta2 = [self.model.d2.weight]
+        self.theta1 = [p for p in self.model.parameters() if p is not self.model.d2.weight]
+        self.omega = self.model.omega()
+        self.o1 = self.sgd(self.theta2)
+        self.o2 = self.sgd(self.theta1)
+        self.o = self.sgd(self.theta1)
+        self.optimizers = [self.o1, self.o2, self.o]
+
+    def losses(self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            t = self.teacher.features(x)
+        _, f1, f2, z1, z2 = self.model.heads(x_adv)
+        y_conf = confusing_label(z1, y)
+        l1 = F.cross_entropy(z2, y_conf)
+        l2 = F.cosine_similarity(f1, f2.detach(), dim=1).mean()
+        ce = F.cross_entropy(z1, y)
+        align = angular_distance(f1, t)
+        return {"l1": l1, "l2": l2, "l3": ce + self.hp["gamma"] * align, "ce": ce, "align": align, "z1": z1,
+                "y_conf": y_conf}
+
+    def gradients(self, L: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+        """(G₁ on [D₂] + ω, G₂ on θ₁, G₃ on θ₁), all at θ_t."""
+        hp = self.hp
+        g1 = _grads(hp["alpha"] * L["l1"], self.theta2 + self.omega)
+        g2 = _grads(hp["beta"] * L["l2"], self.theta1)
+        g3 = _grads(L["l3"], self.theta1)
+        return g1, g2, g3
+
+    def apply(self, g1: list, g2: list, g3: list) -> None:
+        g1_d2, g1_omega = g1[:1], g1[1:]
+        _step(self.o1, self.theta2, g1_d2)
+        if self.literal:
+            _step(self.o2, self.theta1, g2)
+            _step(self.o, self.theta1, g3)
+            return
+        omega_ids = {id(p): g for p, g in zip(self.omega, g1_omega)}
+        g1_theta1 = [omega_ids.get(id(p), torch.zeros_like(p)) for p in self.theta1]
+        s2 = [a + b for a, b in zip(g1_theta1, g2)]
+        s3 = [a + b for a, b in zip(s2, g3)]  # formed before any step touches a gradient
+        _step(self.o2, self.theta1, s2)
+        _step(self.o, self.theta1, s3)
+
+    def train_step(self, batch, epoch, step):
+        x_adv = self.pgd_attack(batch.x, batch.y)  # through ω·D₁·g, student in eval mode
+        L = self.losses(x_adv, batch.x, batch.y)
+        g1, g2, g3 = self.gradients(L)
+        self.apply(g1, g2, g3)
+        hp = self.hp
+        total = hp["alpha"] * L["l1"] + hp["beta"] * L["l2"] + L["l3"]
+        return {"loss": total.detach(), "l1": L["l1"].detach(), "l2": L["l2"].detach(), "l3": L["l3"].detach(),
+                "ce": L["ce"].detach(), "align": L["align"].detach(),
+                "correct_sum": (L["z1"].argmax(1) == batch.y).sum()}
+
+    def export(self, module=None) -> nn.Module:
+        return (module if module is not None else self.model).fold()
+
+    def probe(self, module):
+        """AFD Fig. 1a / "Empirical Analysis": the distance between f₁ of the adversarial image and the pre-trained
+        model's features of the natural image; x′ attacks ω·D₁·g."""
+        return module, self.teacher.features, module.f1
+
+    def eval_heads(self, module):
+        return {"f1": _Head(module, "f1"), "f2": _Head(module, "f2")}
+
+
+@register_method
+class AFDLiteral(AFD):
+    name = "afd-literal"
+    paper = "METHODS.md §14.4 'paper-literal': Algorithm 1 read literally (L1 moves only D2, no double counting)"
+    literal = True
+
+
+@register_method
+class VAFTPlusD(AFD):
+    name = "vaft+d"
+    paper = "AFD Table 3 ablation: AFD without the alignment term (γ = 0) (METHODS.md §14.7)"
+    defaults = {**AFD.defaults, "gamma": 0.0}

@@ -1,0 +1,246 @@
+"""Defining properties of AFD (METHODS.md §14) and its variants ``afd-literal`` and ``vaft+d``."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.loader import Batch
+from bench.models import create_model
+from methods import afd as afd_mod
+from methods import get_method
+from methods.afd import Disentangled, confusing_label
+
+
+def _bn_trained_model(seed=0):
+    torch.manual_seed(seed)
+    m = create_model("smallcnn", 10)
+    m.train()
+    with torch.no_grad():
+        m(torch.rand(64, 3, 32, 32))  # running statistics away from their initial values
+    return m
+
+
+def _method(name="afd", perturb=True, **hp):
+    """An AFD method on a small model. With ``perturb``, D1 and D2 are moved away from the identity: at D1 = D2 = I,
+    f1 = f2 and ∇cos(f1, sg f2) vanishes, which would hide every L2 term from the tests."""
+    base = _bn_trained_model()
+    teacher = copy.deepcopy(base)
+    cls = get_method(name)
+    h = cls.resolved_defaults()
+    h.update(hp)
+    m = cls(h, base, teacher, steps_per_epoch=10)
+    if perturb:
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            m.model.d1.weight.add_(0.1 * torch.randn(m.model.d1.weight.shape, generator=g))
+            m.model.d2.weight.add_(0.3 * torch.randn(m.model.d2.weight.shape, generator=g))
+    return m, base
+
+
+def _batch(n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), torch.arange(n))
+
+
+def test_paper_defaults():
+    hp = get_method("afd").resolved_defaults()
+    assert (hp["alpha"], hp["beta"], hp["gamma"]) == (0.05, 0.25, 25.0)
+    assert (hp["attack_steps"], hp["attack_step"], hp["eps"]) == (10, 0.007, 8 / 255)
+    assert (hp["lr"], hp["epochs"], hp["weight_decay"], hp["schedule"]) == (0.025, 20, 5e-4, {"name": "suzuki"})
+    assert hp["ema"] == {"decay": 0.999, "warmup": True}
+    assert get_method("vaft+d").resolved_defaults()["gamma"] == 0.0
+    assert get_method("afd-literal").literal and not get_method("afd").literal
+
+
+def test_at_initialisation_the_training_model_computes_the_pretrained_logits():
+    base = _bn_trained_model().eval()
+    ref = copy.deepcopy(base)
+    model = Disentangled(base).eval()
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(model(x), ref(x))
+    _, f1, f2, z1, z2 = model.heads(x)
+    assert torch.equal(z1, ref(x)) and torch.equal(z2, ref(x)) and torch.equal(f1, ref.features(x))
+    assert model.d1.bias is None and model.d2.bias is None and model.d1.weight.shape == (64, 64)
+
+
+def _named_grads(loss, model):
+    names, params = zip(*model.named_parameters())
+    gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return {n: g for n, g in zip(names, gs) if g is not None and g.abs().sum() > 0}
+
+
+def test_which_parameters_each_loss_reaches():
+    m, _ = _method()
+    b = _batch()
+    m.model.train()
+    L = m.losses(b.x, b.x, b.y)
+    # L1 = CE(z2, y'): D2 and ω only — nothing from the f2 branch reaches the backbone, D1 is untouched
+    assert set(_named_grads(L["l1"], m.model)) == {"d2.weight", "base.fc.weight", "base.fc.bias"}
+    # L2 = cos(f1, sg f2): backbone and D1, never D2 (f2 is detached) nor ω
+    l2 = set(_named_grads(L["l2"], m.model))
+    assert "d1.weight" in l2 and "d2.weight" not in l2 and not any(n.startswith("base.fc") for n in l2)
+    assert any(n.startswith("base.body") for n in l2)
+    # L3 = CE(z1, y) + γ·D_ang(f1, t): backbone, D1 and ω, never D2
+    l3 = set(_named_grads(L["l3"], m.model))
+    assert {"d1.weight", "base.fc.weight"} <= l3 and "d2.weight" not in l3
+
+
+def test_the_confusing_label_is_never_the_true_label():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 10, generator=g)
+    y = torch.randint(0, 10, (500,), generator=g)
+    z[:100, :] = 0.0  # ties everywhere
+    z[100:200] = z[100:200].scatter(1, y[100:200, None], 100.0)  # the true label is the top-1
+    yc = confusing_label(z, y)
+    assert not (yc == y).any()
+    wrong = z.argmax(1) != y
+    assert torch.equal(yc[wrong], z.argmax(1)[wrong])  # top-1 when it is wrong, as the code takes it
+
+
+def _record_steps(monkeypatch, m):
+    seen = []
+    real = afd_mod._step
+
+    def spy(opt, params, grads):
+        grads = [g.clone() for g in grads]
+        seen.append((opt, grads))
+        real(opt, params, grads)
+
+    monkeypatch.setattr(afd_mod, "_step", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["afd", "afd-literal"])
+def test_three_optimisers_get_exactly_the_gradients_of_section_14_4(monkeypatch, name):
+    m, _ = _method(name)
+    b = _batch()
+    m.model.train()
+    L = m.losses(b.x, b.x, b.y)
+    g1, g2, g3 = m.gradients(L)
+    seen = _record_steps(monkeypatch, m)
+    m.apply(g1, g2, g3)
+    (o1, s1), (o2, s2), (o3, s3) = seen
+    assert (o1, o2, o3) == (m.o1, m.o2, m.o)
+    assert len(s1) == 1 and torch.equal(s1[0], g1[0])  # O1 moves D2 with ∇(αL1)
+    fc_w = next(i for i, p in enumerate(m.theta1) if p is m.model.base.fc.weight)
+    fc_b = next(i for i, p in enumerate(m.theta1) if p is m.model.base.fc.bias)
+    omega = {fc_w: g1[1], fc_b: g1[2]}
+    for i in range(len(m.theta1)):
+        w = omega.get(i, torch.zeros_like(g2[i]))
+        if name == "afd":  # code-faithful: the ω part of L1 and L2 go to O2, and again (plus L3) to O
+            assert torch.allclose(s2[i], w + g2[i]) and torch.allclose(s3[i], w + g2[i] + g3[i])
+        else:  # literal: O2 gets L2 only, O gets L3 only
+            assert torch.equal(s2[i], g2[i]) and torch.equal(s3[i], g3[i])
+    assert omega[fc_w].abs().sum() > 0  # so the two variants really differ on ω
+    assert sum(float(g.abs().sum()) for g in g2) > 0 and sum(float(g.abs().sum()) for g in g3) > 0
+
+
+def test_one_code_faithful_step_equals_the_sgd_arithmetic_of_section_14_4():
+    """Starting from fresh optimisers, momentum buffers equal the first gradients, so each step is
+    p ← p − lr·(g + wd·p): O1 on D2, then O2 and O on θ1 one after the other."""
+    m, _ = _method("afd")
+    b = _batch()
+    x_adv = b.x.flip(3)
+    ref = copy.deepcopy(m.model).train()
+    m.model.train()
+    lr, wd, hp = m.hp["lr"], m.hp["weight_decay"], m.hp
+    m.set_lr(lr)
+    L = m.losses(x_adv, b.x, b.y)
+    m.apply(*m.gradients(L))
+
+    with torch.no_grad():
+        t = m.teacher.features(b.x)
+    _, f1, f2, z1, z2 = ref.heads(x_adv)
+    l1 = F.cross_entropy(z2, confusing_label(z1, b.y))
+    l2 = F.cosine_similarity(f1, f2.detach(), dim=1).mean()
+    l3 = F.cross_entropy(z1, b.y) + hp["gamma"] * (1 - F.cosine_similarity(f1, t, dim=1).mean())
+    params = dict(ref.named_parameters())
+    names = list(params)
+
+    def grad(loss):
+        gs = torch.autograd.grad(loss, [params[n] for n in names], retain_graph=True, allow_unused=True)
+        return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, gs)}
+
+    G1, G2, G3 = grad(hp["alpha"] * l1), grad(hp["beta"] * l2), grad(l3)
+    expected = {}
+    for n, p in params.items():
+        p = p.detach()
+        if n == "d2.weight":
+            expected[n] = p - lr * (G1[n] + wd * p)
+            continue
+        w = G1[n] if n.startswith("base.fc") else torch.zeros_like(p)
+        p2 = p - lr * (w + G2[n] + wd * p)
+        expected[n] = p2 - lr * (w + G2[n] + G3[n] + wd * p2)
+    got = dict(m.model.named_parameters())
+    for n in names:
+        assert torch.allclose(got[n], expected[n], atol=1e-6), n
+
+
+def test_separate_momentum_buffers():
+    m, _ = _method("afd")
+    b = _batch()
+    m.model.train()
+    m.apply(*m.gradients(m.losses(b.x, b.x, b.y)))
+    d2 = m.model.d2.weight
+    assert set(m.o1.state) == {d2} and d2 not in m.o2.state and d2 not in m.o.state
+    p = m.model.base.fc.weight
+    assert m.o2.state[p]["momentum_buffer"] is not m.o.state[p]["momentum_buffer"]
+    assert not torch.equal(m.o2.state[p]["momentum_buffer"], m.o.state[p]["momentum_buffer"])
+
+
+def test_folding_d1_gives_a_plain_model_with_the_same_logits():
+    m, base = _method("afd")
+    m.model.eval()
+    plain = m.export(m.model).eval()
+    assert type(plain) is type(base) and not any(k.startswith(("d1", "d2")) for k in plain.state_dict())
+    x = torch.rand(8, 3, 32, 32)
+    assert torch.allclose(plain(x), m.model(x), atol=1e-5)
+    assert torch.equal(plain.fc.bias, m.model.base.fc.bias)
+
+
+def test_the_attack_runs_in_eval_mode_through_omega_d1_g_and_restores_train_mode():
+    m, _ = _method("afd", perturb=False, attack_steps=3)
+    m.model.train()
+    modes = []
+    m.model.register_forward_pre_hook(lambda mod, i: modes.append(mod.training))
+    d1_calls = []
+    m.model.d1.register_forward_pre_hook(lambda mod, i: d1_calls.append(mod.training))
+    b = _batch()
+    m.train_step(b, 0, 0)
+    assert modes == [False, False, False]  # the eval forward ω·D1·g: the attack's three steps
+    assert d1_calls == [False, False, False, True]  # then one train-mode forward through the heads
+    assert all(mod.training for mod in m.model.modules())
+
+
+def test_teacher_weights_and_bn_statistics_are_unchanged_by_training():
+    m, _ = _method("afd", attack_steps=2)
+    before = copy.deepcopy(m.teacher.state_dict())
+    m.model.train()
+    for step in range(3):
+        m.train_step(_batch(seed=step), 0, step)
+    after = m.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not m.teacher.training and all(not p.requires_grad for p in m.teacher.parameters())
+
+
+def test_probe_and_heads_follow_the_paper():
+    m, _ = _method("afd")
+    fwd, nat, adv = m.probe(m.model)
+    assert fwd is m.model and nat == m.teacher.features and adv == m.model.f1
+    heads = m.eval_heads(m.model)
+    x = torch.rand(2, 3, 32, 32)
+    m.model.eval()
+    with torch.no_grad():
+        m.model.d2.weight.mul_(0.5)
+        assert torch.allclose(heads["f1"](x), m.model(x))
+        assert torch.allclose(heads["f2"](x), m.model.base.fc(m.model.d2(m.model.features(x))))
+
+
+def test_at_identity_init_l2_has_no_gradient_yet():
+    """cos(f1, sg f2) is maximal when f1 = f2 (D1 = D2 = I): L2 starts to act once D1 and D2 diverge."""
+    m, _ = _method("afd", perturb=False)
+    b = _batch()
+    m.model.train()
+    L = m.losses(b.x, b.x, b.y)
+    assert all(float(g.abs().max()) < 1e-6 for g in m.gradients(L)[1])
