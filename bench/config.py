@@ -29,6 +29,17 @@ except ModuleNotFoundError:  # pragma: no cover
 RUN_KEYS = {"methods", "dataset", "arch", "seeds", "subset", "eval_n", "aa_n", "probe_n", "attacks", "normalize",
             "precision", "eval_batch_size", "channels_last", "compile"}
 PRECISIONS = ("fp32", "bf16")
+# run settings a preset may also set per method ([method.natural] subset = 50: pre-train on more data)
+METHOD_RUN_KEYS = ("subset",)
+
+
+def method_run_setting(preset: dict[str, Any], method: str, key: str, default: Any) -> Any:
+    """A run setting for one method: ``[method.<name>]``, else ``[method."*"]``, else ``default``."""
+    tables = preset.get("method", {})
+    for t in (tables.get(method, {}), tables.get("*", {})):
+        if key in t:
+            return t[key]
+    return default
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +181,8 @@ def resolve_hp(method: str, preset: dict[str, Any], overrides: dict[str, Any],
     hp = copy.deepcopy(defaults)
     tables = preset.get("method", {})
     # [method."*"] sets keys for every method that has them; [method.<name>] then overrides for that method
-    layers = [{k: v for k, v in tables.get("*", {}).items() if k in hp}, tables.get(method, {})]
+    layers = [{k: v for k, v in tables.get("*", {}).items() if k in hp},
+              {k: v for k, v in tables.get(method, {}).items() if k not in METHOD_RUN_KEYS}]
     if not qualified_only:
         layers.append({k: v for k, v in overrides.items() if v is not None})
     for layer in layers:

@@ -134,7 +134,8 @@ def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = F
 
     Columns: run, method, dataset, arch, seed, preset, precision, state, epochs, epochs_done, sec_per_epoch
     (mean over epochs), train_seconds (sum), device, final_loss, final_feature_gap, and for every evaluated attack
-    ``<attack>`` (accuracy in %) and ``<attack>_n``; ``hp.<key>`` for every hyper-parameter.
+    ``<attack>`` (accuracy in %) and ``<attack>_n``; ``<head>_<attack>`` for extra heads (AFD's f1 / f2);
+    ``feature_gap_start`` (epoch 0); ``hp.<key>`` for every hyper-parameter.
     """
     import pandas as pd
 
@@ -166,5 +167,8 @@ def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = F
             for name, r in ev.get("results", {}).items():
                 row[name] = r.get("acc")
                 row[f"{name}_n"] = r.get("n")
+            for head, res in ev.get("heads", {}).items():  # AFD's f1 / f2 heads (Table 4): f1_clean, f2_pgd20, ...
+                for name, r in res.items():
+                    row[f"{head}_{name}"] = r.get("acc")
         rows.append(row)
     return pd.DataFrame(rows)

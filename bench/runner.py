@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, check_sets, load_preset, parse_seeds, parse_sets, resolve_hp, PRECISIONS
+from .config import (PRECISIONS, RunConfig, check_sets, load_preset, method_run_setting, parse_seeds,
+                     parse_sets, resolve_hp)
 from .data import DATASETS, Dataset, load_dataset
 from .errors import BenchError, choice_error
 from .evaluate import parse_attacks
@@ -113,11 +114,20 @@ def plan(req: RunRequest) -> list[Planned]:
                   channels_last=bool(_pick(req.channels_last, run, "channels_last", False)),
                   compile=bool(_pick(req.compile, run, "compile", False)), device=req.device,
                   data_dir=req.data_dir, results_dir=req.results_dir, download=req.download, **ints)
+    def settings(method: str) -> dict:
+        """``common`` with the method's own subset: --subset, else the preset's [method.<name>] / [method."*"] /
+        [run] value."""
+        subset = req.subset if req.subset is not None else method_run_setting(preset, method, "subset",
+                                                                                 common["subset"])
+        if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+            raise BenchError(f"preset {preset['name']}: {method}.subset = {subset!r}; accepted: a positive integer")
+        return {**common, "subset": subset}
+
     configs = []
     for seed in seeds:
         for m in methods:
             hp = resolve_hp(m, preset, overrides, sets)
-            cfg = RunConfig(method=m, seed=seed, hp=hp, **common)
+            cfg = RunConfig(method=m, seed=seed, hp=hp, **settings(m))
             base_cfg = None
             starts = METHODS.get(m).starts_from
             if starts != "scratch":
@@ -126,7 +136,7 @@ def plan(req: RunRequest) -> list[Planned]:
                 else:
                     base = STARTING_METHOD[starts]
                     base_cfg = RunConfig(method=base, seed=seed, hp=resolve_hp(base, preset, {}, sets,
-                                                                                 qualified_only=True), **common)
+                                                                                 qualified_only=True), **settings(base))
                     cfg.pretrained = base_cfg.run_name
                     cfg.pretrained_path = str(RunDir.for_config(base_cfg).final_weights)
             configs.append(Planned(cfg, base_cfg))

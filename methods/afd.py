@@ -17,13 +17,16 @@ Gradients at θ_t, all from that one forward with ``torch.autograd.grad`` before
 G₁ = ∇(αL₁) w.r.t. {D₂, ω}, G₂ = ∇(βL₂) w.r.t. θ₁, G₃ = ∇L₃ w.r.t. θ₁ (θ₁ = every parameter but D₂).
 Three momentum-SGD optimisers with their own buffers (and weight decay each): O₁ over D₂, O₂ and O over θ₁.
 
-=================  =======================  =========================
-step               code-faithful (``afd``)  literal (``afd-literal``)
-=================  =======================  =========================
-O₁ (D₂)            G₁|D₂                    G₁|D₂
-O₂ (θ₁)            G₁|ω + G₂                G₂
-O  (θ₁)            G₁|ω + G₂ + G₃           G₃
-=================  =======================  =========================
+=================  ==============================  =========================
+step               code-faithful (``afd``)         literal (``afd-literal``)
+=================  ==============================  =========================
+O₁ (D₂)            G₁|D₂                           G₁|D₂
+O₂ (θ₁)            G₁|ω + G₂                       G₂ (ω not stepped)
+O  (θ₁)            G₁|ω + G₂ + wd·θ_t + G₃         G₃
+=================  ==============================  =========================
+
+(each optimiser adds its own weight decay wd·θ on top; the extra wd·θ_t of the code-faithful O step is O₂'s weight
+decay that old PyTorch left in the accumulated gradient: see ``AFD.apply``.)
 
 (The authors' code backpropagates αL₁, βL₂, L₃ in turn with accumulating gradients and steps after each — which
 modern PyTorch refuses, METHODS §14.4 / §17 #4; computing all three at θ_t reproduces it up to second order in lr.)
@@ -103,12 +106,18 @@ class _Head(nn.Module):
         return self.model.base.fc(d(self.model.base.features(x)))
 
 
-def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    """∇loss for each parameter; ``None`` where the loss does not depend on it at all."""
+    return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
 
 
-def _step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], grads: Iterable[torch.Tensor]) -> None:
+def _dense(grads: list[torch.Tensor | None], params: list[nn.Parameter]) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], grads: Iterable[torch.Tensor | None]) -> None:
+    """One step of ``opt`` with the given gradients; a ``None`` gradient leaves that parameter alone (no weight decay,
+    no momentum), as SGD skips parameters without ``.grad``."""
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()
@@ -163,16 +172,27 @@ class AFD(Method):
         return g1, g2, g3
 
     def apply(self, g1: list, g2: list, g3: list) -> None:
-        g1_d2, g1_omega = g1[:1], g1[1:]
+        """The three optimiser steps of §14.4 with the gradients taken at θ_t (see the module docstring)."""
+        g1_d2, g1_omega = _dense(g1[:1], self.theta2), _dense(g1[1:], self.omega)
         _step(self.o1, self.theta2, g1_d2)
         if self.literal:
+            # Algorithm 1 read literally: θ₁ ← θ₁ − η∇(βL₂), then θ₁ ← θ₁ − η∇L₃. A parameter a loss does not
+            # depend on (ω in L₂) is not stepped by that optimiser at all.
             _step(self.o2, self.theta1, g2)
             _step(self.o, self.theta1, g3)
             return
+        g2, g3 = _dense(g2, self.theta1), _dense(g3, self.theta1)
         omega_ids = {id(p): g for p, g in zip(self.omega, g1_omega)}
         g1_theta1 = [omega_ids.get(id(p), torch.zeros_like(p)) for p in self.theta1]
         s2 = [a + b for a, b in zip(g1_theta1, g2)]
-        s3 = [a + b for a, b in zip(s2, g3)]  # formed before any step touches a gradient
+        # O's gradient also carries O₂'s weight-decay term wd·θ_t. The authors ran PyTorch < 1.2 (AFD README), whose
+        # SGD added weight decay into ``p.grad`` in place (``d_p = p.grad.data; d_p.add_(weight_decay, p.data)``,
+        # torch/optim/sgd.py before 1.5), and their code lets gradients accumulate from step 2 into step 3, so O
+        # stepped with G₁|ω + G₂ + wd·θ_t + G₃ and then added wd·θ_{t+½} itself: weight decay three times per
+        # iteration on θ₁. METHODS.md §14.4 leaves this term out; we keep it, to be faithful to the code that made
+        # the paper's numbers (a deviation from METHODS.md's derivation, toward its stated goal).
+        wd = self.hp["weight_decay"]
+        s3 = [a + wd * p.detach() + b for a, p, b in zip(s2, self.theta1, g3)]  # at θ_t, before any step
         _step(self.o2, self.theta1, s2)
         _step(self.o, self.theta1, s3)
 

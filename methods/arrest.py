@@ -34,7 +34,10 @@ class ARREST(AFKD):
             return 1.0 - F.cosine_similarity(self.teacher.features(x), self.model.features(x), dim=1).mean()
 
     def replays(self, x: torch.Tensor, epoch: int) -> tuple[bool, torch.Tensor | None]:
-        """(replay this batch?, the angular distance if it was measured). ``epoch`` is 0-based."""
+        """(replay this batch?, the angular distance if it was measured). ``epoch`` is 0-based.
+
+        The decision needs the distance on the host (one device sync per batch while replay is possible): it
+        decides whether the 10-step attack runs at all."""
         if epoch + 1 > self.hp["replay_epochs"]:
             return False, None
         d = self.representation_shift(x)
