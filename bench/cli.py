@@ -220,20 +220,28 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
                       state_dir=state_dir, progress=not quiet)
     record["meta"]["target"] = target
     if run is not None:
+        from .evaluate import finalize_checks
+
         existing = run.read_eval() or {"results": {}, "meta": {}}
         new = {k: v for k, v in record["results"].items() if k not in existing["results"] and k != "worst"}
         if new:
             existing["results"].update(new)
-            atomic_write_json(run.eval, existing)
+            existing["checks"] = {**record.get("checks", {}), **existing.get("checks", {})}
+            atomic_write_json(run.eval, finalize_checks(existing))
     if output:
         atomic_write_json(output, record)
     res = record["results"]
     click.echo(f"{target}  ({dataset}, {arch or 'robustbench'}, device {record['meta']['device']})")
     for name, r in res.items():
         click.echo(f"  {name:<6} {r['acc']:6.2f}%  ({r['correct']}/{r['n']})")
-    checks = res.get("aa", {}).get("checks")
-    if checks:
-        click.echo("  AutoAttack flags: " + " | ".join(checks))
+    flags = res.get("aa", {}).get("flags")
+    if flags:
+        click.echo("  AutoAttack flags: " + " | ".join(flags))
+    for name, c in record.get("checks", {}).items():
+        detail = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("passed", "messages"))
+        click.echo(f"  check {name:<17} {'ok' if c['passed'] else 'FAILED'}  {detail}")
+    if record.get("suspect"):
+        click.echo(f"  SUSPECT: {', '.join(record['suspect'])}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from .checkpoint import load_latest, save_state
 from .config import RunConfig
 from .data import Dataset
 from .errors import BenchError
-from .evaluate import device_name, evaluate, feature_gaps
+from .evaluate import device_name, evaluate, feature_gaps, finalize_checks
 from .loader import DeviceLoader, hash_seed
 from .models import create_model
 from .models.loading import load_weights
@@ -308,7 +308,7 @@ def evaluate_heads(trainer: "Trainer", echo: Callable[[str], None] = print, prog
         if name in done or not attacks:
             continue
         res = evaluate(head, trainer.dataset.test, attacks, n=cfg.eval_n, device=trainer.device, seed=cfg.seed,
-                       batch_size=cfg.eval_batch_size, progress=progress)
+                       batch_size=cfg.eval_batch_size, progress=progress, checks=False)
         done[name] = res["results"]
         atomic_write_json(run.eval, ev)
         echo(f"[{cfg.method} s{cfg.seed}] head {name}: " + ", ".join(
@@ -333,8 +333,11 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
             groups.setdefault(cfg.aa_n if a == "aa" else cfg.eval_n, []).append(a)
     for n, attacks in groups.items():
         res = evaluate(model, dataset.test, attacks, n=n, device=device, seed=cfg.seed,
-                       batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state", progress=progress)
+                       batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state", progress=progress,
+                       checks="deterministic" not in existing.get("checks", {}))
         existing["results"].update(res["results"])
+        existing["checks"] = {**existing.get("checks", {}), **res["checks"]}
+        finalize_checks(existing)
         existing["meta"] = res["meta"]
         existing["meta"]["protocol"] = ("METHODS.md §15.1: clean, PGD-20 (step 0.003, 1 random start), "
                                         "AutoAttack standard")
@@ -342,6 +345,8 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
         for a in attacks:
             r = res["results"][a]
             echo(f"[{cfg.method} s{cfg.seed}] {a}: {r['acc']:.2f}% ({r['correct']}/{r['n']}, {r['seconds']:.1f}s)")
+    if existing.get("suspect"):
+        echo(f"[{cfg.method} s{cfg.seed}] SUSPECT: failed checks {', '.join(existing['suspect'])} (see eval.json)")
     return existing
 
 

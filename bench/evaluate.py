@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,10 +83,70 @@ def predict(model: Callable, x: torch.Tensor) -> torch.Tensor:
         return model(x).argmax(1)
 
 
+def encode_points(correct: torch.Tensor) -> str:
+    """Per-point correctness as a hex string (one bit per test image, in order)."""
+    return np.packbits(correct.detach().cpu().numpy().astype(np.uint8)).tobytes().hex()
+
+
+def decode_points(text: str, n: int) -> torch.Tensor:
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n]
+    return torch.from_numpy(bits.astype(bool))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sanity checks: numbers that cannot lie
+
+LARGE_EPS, LARGE_EPS_MAX_ACC = 0.5, 5.0
+
+
+def model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0) -> dict[str, dict]:
+    """Checks of the evaluated function on a few images: two eval forwards agree; PGD with ε = 0 returns the clean
+    accuracy; PGD with ε = 0.5 (10 steps of 0.1) drives accuracy to at most 5 % (a model it cannot break is masking
+    its gradients, or the attack is broken)."""
+    out: dict[str, dict] = {}
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    diff = float((a - b).abs().max())
+    out["deterministic"] = {"passed": bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5)), "max_abs_diff": diff}
+    clean = int((a.argmax(1) == y).sum())
+    gen = torch.Generator(device=x.device).manual_seed(hash_seed(seed, 31))
+    x0 = pgd(model, x, y, eps=0.0, step=0.003, steps=2, bn="eval", generator=gen)
+    at0 = int((predict(model, x0) == y).sum())
+    out["eps0_is_clean"] = {"passed": at0 == clean and bool(torch.equal(x0, x)), "clean": clean, "pgd_eps0": at0,
+                            "n": int(y.shape[0])}
+    xl = pgd(model, x, y, eps=LARGE_EPS, step=0.1, steps=10, bn="eval", generator=gen)
+    acc_l = 100.0 * float((predict(model, xl) == y).float().mean())
+    out["large_eps_breaks"] = {"passed": acc_l <= LARGE_EPS_MAX_ACC, "eps": LARGE_EPS, "acc": acc_l,
+                               "max_acc": LARGE_EPS_MAX_ACC, "n": int(y.shape[0])}
+    return out
+
+
+def finalize_checks(record: dict) -> dict:
+    """Add the checks that compare attacks (AA ≤ PGD-20 ≤ clean on the same points; AutoAttack's own flags) and
+    the ``suspect`` list (names of failed checks) to an eval record; returns it."""
+    checks = record.setdefault("checks", {})
+    res = {k: v for k, v in record.get("results", {}).items() if "points" in v}
+    order = [a for a in ("clean", "pgd20", "aa") if a in res]
+    if len(order) > 1:
+        m = min(res[a]["n"] for a in order)
+        counts = {a: int(decode_points(res[a]["points"], res[a]["n"])[:m].sum()) for a in order}
+        seq = [counts[a] for a in order]
+        checks["ordering"] = {"passed": all(u >= v for u, v in zip(seq, seq[1:])), "n": m, "correct": counts}
+    if "aa" in record.get("results", {}):
+        flags = record["results"]["aa"].get("flags", [])
+        checks["autoattack_flags"] = {"passed": not flags, "messages": flags}
+    record["suspect"] = sorted(k for k, v in checks.items() if not v.get("passed", True))
+    return record
+
+
 def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int | None = None, eps: float = EPS,
              batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
-             state_dir: str | Path | None = None, progress: bool = True, aa_chunk: int = 1000) -> dict:
-    """Evaluate ``model`` on the first ``n`` images of ``split`` under ``attacks``; returns the eval record."""
+             state_dir: str | Path | None = None, progress: bool = True, aa_chunk: int = 1000,
+             checks: bool = True, check_n: int = 64) -> dict:
+    """Evaluate ``model`` on the first ``n`` images of ``split`` under ``attacks``; returns the eval record.
+
+    With ``checks``, :func:`model_checks` run on the first ``check_n`` images, and :func:`finalize_checks` adds the
+    cross-attack checks; any failure is listed in ``record["suspect"]``."""
     from tqdm import tqdm
 
     from .records import environment
@@ -115,7 +176,7 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
                                               state_dir=state_dir, state_key=key, progress=bar.update)
                 bar.close()
                 correct = flags.to(device)
-                extra = {"version": "standard", "checks": warnings_}
+                extra = {"version": "standard", "flags": warnings_}
             else:
                 spec = ATTACKS[name]
                 correct = torch.zeros(n, dtype=torch.bool, device=device)
@@ -134,12 +195,17 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
         per_point[name] = correct
         c = int(correct.sum())
         results[name] = {"acc": 100.0 * c / n, "correct": c, "n": n, "seconds": round(time.perf_counter() - t0, 3),
-                         **extra}
+                         "points": encode_points(correct), **extra}
     if len(per_point) > 1:
         worst = torch.stack(list(per_point.values())).all(0)
         c = int(worst.sum())
         results["worst"] = {"acc": 100.0 * c / n, "correct": c, "n": n, "over": list(per_point)}
-    return {"meta": meta, "results": results}
+    record = {"meta": meta, "results": results, "checks": {}}
+    if checks:
+        with torch.autocast(device.type, enabled=False):
+            record["checks"] = model_checks(model, x_all[:check_n], y_all[:check_n], seed=seed)
+        assert_eval(model)
+    return finalize_checks(record)
 
 
 def feature_gaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -216,6 +216,8 @@ class AFD(Method):
         return module, self.teacher.features, module.f1
 
     def eval_heads(self, module):
+        """Table 4: f₁ = ω·D₁·g and f₂ = ω·D₂·g of the evaluated (EMA) model. f₁ is the exported model's function;
+        evaluating it unfolded also checks the fold (the numbers must agree)."""
         return {"f1": _Head(module, "f1"), "f2": _Head(module, "f2")}
 
 

@@ -236,3 +236,121 @@ def test_afd_run_records_the_feature_gaps_and_table_4_heads(tmp_path, pretrained
 
     keys = load_file(run.final_weights)  # the exported weights are a plain network with D1 folded in
     assert "fc.weight" in keys and not any(k.startswith(("d1.", "d2.", "base.")) for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# wiring: each method trains on the example it should, with the loss it should
+
+
+def _afkd_expected(model_before, teacher, x_in, x_clean, y, weight):
+    model_before.train()
+    h = model_before.features(x_in)
+    with torch.no_grad():
+        t = teacher.features(x_clean)
+    return F.cross_entropy(model_before.fc(h), y) + weight * (1 - F.cosine_similarity(h, t, dim=1).mean())
+
+
+@pytest.mark.parametrize("name,weight", [("vaft", 0.0), ("afkd", 50.0), ("vaft+a", 25.0), ("arrest", 50.0)])
+def test_training_input_is_the_eval_mode_pgd_example_and_the_loss_is_the_methods(name, weight):
+    m = _method(name, attack_steps=3)
+    if name == "arrest":
+        m.hp["replay_epochs"] = 0  # no replay: the PGD branch
+    ref = copy.deepcopy(m.model)
+    b = _batch()
+    m.model.train()
+    calls = _trace(m.model)
+    torch.manual_seed(11)
+    out = m.train_step(b, 0, 0)
+    torch.manual_seed(11)
+    x_pgd = pgd(copy.deepcopy(ref), b.x, b.y, eps=8 / 255, step=2 / 255, steps=3, bn="eval")
+    assert torch.allclose(calls[-1][1], x_pgd, atol=1e-6)  # the training forward saw the 2/255 PGD example
+    expected = _afkd_expected(ref, m.teacher, x_pgd, b.x, b.y, weight)
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+
+
+def test_arrest_replay_branch_trains_on_noise_with_the_afkd_loss(monkeypatch):
+    m = _method("arrest")
+    monkeypatch.setattr(m, "representation_shift", lambda x: torch.tensor(1.0))
+    ref = copy.deepcopy(m.model)
+    b = _batch()
+    m.model.train()
+    calls = _trace(m.model)
+    out = m.train_step(b, 0, 0)
+    x_in = calls[-1][1]
+    assert float(out["replay"]) == 1.0
+    assert torch.allclose(out["loss"], _afkd_expected(ref, m.teacher, x_in, b.x, b.y, 50.0), atol=1e-5)
+
+
+def test_arrest_shift_is_the_teacher_student_angular_distance_on_clean_images():
+    m = _method("arrest")
+    with torch.no_grad():
+        for p in m.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    b = _batch()
+    m.model.train()
+    d = m.representation_shift(b.x)
+    m.model.eval()
+    with torch.no_grad():
+        expected = 1 - F.cosine_similarity(m.teacher.features(b.x), m.model.features(b.x), dim=1).mean()
+    assert float(d) == pytest.approx(float(expected), abs=1e-6) and float(d) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["afkd", "arrest", "vaft+a", "afd"])
+def test_teacher_weights_and_statistics_never_change(name):
+    m = _method(name, attack_steps=2)
+    before = copy.deepcopy(m.teacher.state_dict())
+    m.model.train()
+    for step in range(3):
+        m.train_step(_batch(seed=step), 0, step)
+    assert all(torch.equal(before[k], v) for k, v in m.teacher.state_dict().items())
+
+
+def test_afd_trains_on_the_adversarial_example_with_clean_teacher_features(monkeypatch):
+    m = _method("afd", attack_steps=2)
+    seen = {}
+    real = m.losses
+
+    def spy(x_adv, x, y):
+        seen.update(x_adv=x_adv.detach().clone(), x=x.detach().clone())
+        return real(x_adv, x, y)
+
+    monkeypatch.setattr(m, "losses", spy)
+    b = _batch()
+    m.model.train()
+    m.train_step(b, 0, 0)
+    assert torch.equal(seen["x"], b.x)
+    assert not torch.equal(seen["x_adv"], b.x) and (seen["x_adv"] - b.x).abs().max() <= 8 / 255 + 1e-6
+
+
+def test_the_schedule_reaches_all_three_afd_optimisers():
+    m = _method("afd")
+    assert len(m.optimizers) == 3 and {id(o) for o in m.optimizers} == {id(m.o1), id(m.o2), id(m.o)}
+    m.set_lr(m.lr_at(12, 0))  # 1-based epoch 13: 0.025·0.8·0.5
+    assert all(g["lr"] == pytest.approx(0.01) for o in m.optimizers for g in o.param_groups)
+
+
+@pytest.mark.parametrize("name", ["vaft", "afkd", "arrest", "vaft+a"])
+def test_baselines_probe_their_own_g_on_both_sides(name):
+    m = _method(name)
+    fwd, nat, adv = m.probe(m.model)
+    assert fwd is m.model and nat == m.model.features and adv == m.model.features
+
+
+def test_afd_evaluates_exports_and_probes_the_ema_copy(tmp_path, synthetic, pretrained_file):
+    from safetensors.torch import load_file
+
+    cfg = plan(small_request(tmp_path, methods=["afd"], epochs=1, subset=10, batch_size=32,
+                             pretrained=str(pretrained_file), sets=["afd.attack_steps=1"]))[0].cfg
+    t = Trainer(cfg, synthetic, RunDir(tmp_path / "r"), init_weights=cfg.pretrained_path, progress=False,
+                echo=lambda s: None)
+    t.train()
+    assert t.ema is not None and t.evaluated_module() is t.ema.module
+    assert t.ema.updates == len(t.loader)  # one EMA update per step
+    assert "d1.weight" in t.ema.module.state_dict() and "base.body.1.running_mean" in t.ema.module.state_dict()
+    t.export()
+    saved = load_file(t.run.final_weights)
+    folded_ema, folded_raw = t.ema.module.fold().state_dict(), t.method.model.fold().state_dict()
+    assert all(torch.equal(saved[k], folded_ema[k].float()) for k in saved)
+    assert not all(torch.equal(saved[k], folded_raw[k].float()) for k in saved)
+    heads = t.method.eval_heads(t.evaluated_module())
+    assert heads["f1"].model is t.ema.module

@@ -86,3 +86,64 @@ def test_feature_gap_is_zero_without_budget_and_positive_with_it(tiny_model):
     assert feature_gap(tiny_model, tiny_model.features, x, y, eps=0.0) == 0.0
     assert feature_gap(tiny_model, tiny_model.features, x, y, eps=8 / 255) > 0.0
     assert all(m.training for m in tiny_model.modules())  # the probe restores the mode
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# numbers that cannot lie
+
+
+def test_points_round_trip():
+    from bench.evaluate import decode_points, encode_points
+
+    c = torch.rand(1001) < 0.3
+    assert torch.equal(decode_points(encode_points(c), 1001), c)
+
+
+def test_a_sound_model_passes_every_check(tiny_model):
+    rec = evaluate(tiny_model, _split(40), ["clean", "pgd20", "aa"], batch_size=40, progress=False, check_n=40)
+    checks = rec["checks"]
+    assert set(checks) == {"deterministic", "eps0_is_clean", "large_eps_breaks", "ordering", "autoattack_flags"}
+    assert all(c["passed"] for c in checks.values()), checks
+    assert rec["suspect"] == []
+    counts = checks["ordering"]["correct"]
+    assert counts["clean"] >= counts["pgd20"] >= counts["aa"]
+
+
+class _Masked(torch.nn.Module):
+    """Gradient masking: the input is quantised to 1/4 steps with a zero-gradient rounding, so PGD sees no signal."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner((x * 4).round() / 4)
+
+
+class _Noisy(torch.nn.Module):
+    """A randomised defence: fresh noise at every forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x + 0.2 * torch.randn_like(x))
+
+
+def test_gradient_masking_and_randomness_are_flagged_as_suspect(tiny_model):
+    masked = evaluate(_Masked(tiny_model), _split(40), ["clean", "pgd20"], batch_size=40, progress=False, check_n=40)
+    assert not masked["checks"]["large_eps_breaks"]["passed"] and "large_eps_breaks" in masked["suspect"]
+    noisy = evaluate(_Noisy(tiny_model), _split(40), ["clean"], batch_size=40, progress=False, check_n=40)
+    assert not noisy["checks"]["deterministic"]["passed"] and "deterministic" in noisy["suspect"]
+
+
+def test_an_ordering_violation_is_suspect():
+    from bench.evaluate import encode_points, finalize_checks
+
+    def res(bits):
+        t = torch.tensor(bits, dtype=torch.bool)
+        return {"acc": 100.0 * float(t.float().mean()), "n": len(bits), "points": encode_points(t)}
+
+    rec = finalize_checks({"results": {"clean": res([1, 1, 0, 0]), "pgd20": res([1, 1, 1, 0])}})
+    assert rec["suspect"] == ["ordering"] and rec["checks"]["ordering"]["correct"] == {"clean": 2, "pgd20": 3}
