@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import faults
 from .fsutil import atomic_write_json
 
 BNMode = Literal["eval", "train", "keep"]
@@ -187,6 +188,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
             if path is not None:
                 atomic_write_json(path, {"key": state_key, "robust": robust.int().tolist(),
                                          "flags": capture.messages})
+                faults.point("aa_chunk")
             if progress:
                 progress(end - start)
     finally:

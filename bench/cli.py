@@ -88,6 +88,8 @@ def list_cmd() -> None:
 @click.option("--attacks", help="Evaluation attacks: clean,pgd20,aa (default: all three).")
 @click.option("--eval-n", type=int, callback=_positive_int, help="Test images for clean and PGD-20 (default: all).")
 @click.option("--aa-n", type=int, callback=_positive_int, help="Test images for AutoAttack (default: --eval-n).")
+@click.option("--aa-chunk", type=int, callback=_positive_int,
+              help="AutoAttack runs and saves its progress in chunks of this many images (default 1000).")
 @click.option("--probe-n", type=int, help="Test images of the per-epoch feature-gap probe (0: off).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=str, help="Training precision: fp32 or bf16 (evaluation is always fp32).")
@@ -100,8 +102,8 @@ def list_cmd() -> None:
 @click.option("--results", "results_dir", default="results", show_default=True, help="Results directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (epoch lines are still printed).")
 def run_cmd(methods, dataset, arch, seeds, preset, data_dir, download, subset, epochs, batch_size, lr, sets, attacks,
-            eval_n, aa_n, probe_n, device, precision, channels_last, compile_, normalize, pretrained, results_dir,
-            quiet) -> None:
+            eval_n, aa_n, aa_chunk, probe_n, device, precision, channels_last, compile_, normalize, pretrained,
+            results_dir, quiet) -> None:
     """Train and evaluate methods × seeds; prints Clean / PGD-20 / AutoAttack and seconds per epoch.
 
     Finished runs are not trained again; interrupted ones resume from their last checkpoint. Records land in
@@ -113,8 +115,9 @@ def run_cmd(methods, dataset, arch, seeds, preset, data_dir, download, subset, e
     _check_results_dir(results_dir)
     req = RunRequest(methods=_csv(methods), dataset=dataset, arch=arch, seeds=seeds, preset=preset,
                      data_dir=data_dir, subset=subset, epochs=epochs, batch_size=batch_size, lr=lr, sets=list(sets),
-                     attacks=attacks, eval_n=eval_n, aa_n=aa_n, probe_n=probe_n, device=device, precision=precision,
-                     channels_last=channels_last, compile=compile_, normalize=normalize, pretrained=pretrained,
+                     attacks=attacks, eval_n=eval_n, aa_n=aa_n, aa_chunk=aa_chunk, probe_n=probe_n, device=device,
+                     precision=precision, channels_last=channels_last, compile=compile_, normalize=normalize,
+                     pretrained=pretrained,
                      results_dir=results_dir, download=download)
     planned = plan(req)
     from .engine import resolve_device
@@ -281,6 +284,13 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except BenchError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.UsageError as e:  # bad flag or flag value: one line, like every other input error
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `bench`: the help, as click shows it
+            click.echo(e.format_message(), err=True)
+            sys.exit(2)
+        hint = f" (see bench {e.ctx.info_name} --help)" if e.ctx is not None and e.ctx.parent is not None else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("interrupted; run the same command again to resume", err=True)

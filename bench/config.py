@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib  # type: ignore[no-redef]
 
 RUN_KEYS = {"methods", "dataset", "arch", "seeds", "subset", "eval_n", "aa_n", "probe_n", "attacks", "normalize",
-            "precision", "eval_batch_size", "channels_last", "compile"}
+            "precision", "eval_batch_size", "aa_chunk", "channels_last", "compile"}
 PRECISIONS = ("fp32", "bf16")
 # run settings a preset may also set per method ([method.natural] subset = 50: pre-train on more data)
 METHOD_RUN_KEYS = ("subset",)
@@ -136,7 +136,7 @@ def validate_hp(method: str, hp: dict[str, Any], defaults: dict[str, Any]) -> No
     def num(k):
         v = hp[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise BenchError(f"{method}.{k} = {v!r} is not a finite number")
+            raise BenchError(f"{method}.{k} = {v!r}; accepted: a finite number")
         return v
 
     for k, v in hp.items():
@@ -243,6 +243,7 @@ class RunConfig:
     aa_n: int | None = None
     probe_n: int = 256
     eval_batch_size: int = 256
+    aa_chunk: int = 1000  # AutoAttack is run and saved in chunks of this many images (resume granularity)
     # below: how to run, not what is run (not part of the run's identity)
     device: str = "cpu"
     channels_last: bool = False

@@ -196,7 +196,7 @@ def _images_in(folder: Path) -> list[Path]:
 # layouts
 
 
-def folder_layout(channels: int = 3, size: int | None = None, test_names=("test", "val")):
+def folder_layout(channels: int = 3, size: int | None = None, test_names=("test", "val"), name: str = "imagefolder"):
     """``train/<class>/*.jpg|png``, ``test/<class>/...`` (or ``val/<class>/``)."""
 
     def detect(root: Path) -> Layout | None:
@@ -222,7 +222,7 @@ def folder_layout(channels: int = 3, size: int | None = None, test_names=("test"
             for s in ("train", "test"):
                 paths = [p for c in classes for p in files[s].get(c, [])]
                 labels = [i for i, c in enumerate(classes) for _ in files[s].get(c, [])]
-                x = _decode_many(paths, channels, size, f"{root.name}/{s}")
+                x = _decode_many(paths, channels, size, f"{name} {s}")
                 splits.append(Split(x, torch.tensor(labels, dtype=torch.int64)))
             # folders list the test images class by class; a fixed pseudo-random order (seed 0) makes the first n
             # test images (--eval-n, the feature-gap probe) cover all classes, as the official CIFAR order does
@@ -306,8 +306,8 @@ def tinyimagenet_layout(root: Path) -> Layout | None:
     def read():
         paths = [p for w in wnids for p in train_files[w]]
         labels = [index[w] for w in wnids for _ in train_files[w]]
-        xtr = _decode_many(paths, 3, 64, "tinyimagenet/train")
-        xte = _decode_many([p for p, _ in val], 3, 64, "tinyimagenet/val")
+        xtr = _decode_many(paths, 3, 64, "tinyimagenet train")
+        xte = _decode_many([p for p, _ in val], 3, 64, "tinyimagenet val")
         return (Split(xtr, torch.tensor(labels)), Split(xte, torch.tensor([c for _, c in val])), wnids)
 
     return Layout("tiny-imagenet-200", root, files, read)
@@ -438,13 +438,13 @@ DATASETS.add("synthetic", DatasetSpec(
     description="embedded default: 10 classes of generated 32×32 RGB patterns, 1000/200 per class"))
 DATASETS.add("cifar10", DatasetSpec(
     "cifar10", 10, 3, 32, ("cifar10", "cifar-10", "CIFAR10", "CIFAR-10", "cifar-10-batches-py"),
-    (cifar_pickle_layout("cifar10"), folder_layout(3, 32)),
+    (cifar_pickle_layout("cifar10"), folder_layout(3, 32, name="cifar10")),
     "cifar-10-batches-py/ (data_batch_1..5, test_batch) or train/<class>/*.png|jpg and test/<class>/...",
     "pass --data-dir to a folder or archive holding it, or add --download", downloader=_torchvision_download("CIFAR10"),
     description="CIFAR-10, 50 000 / 10 000 images 32×32, 10 classes"))
 DATASETS.add("cifar100", DatasetSpec(
     "cifar100", 100, 3, 32, ("cifar100", "cifar-100", "CIFAR100", "CIFAR-100", "cifar-100-python"),
-    (cifar_pickle_layout("cifar100"), folder_layout(3, 32)),
+    (cifar_pickle_layout("cifar100"), folder_layout(3, 32, name="cifar100")),
     "cifar-100-python/ (train, test, meta) or train/<class>/*.png|jpg and test/<class>/...",
     "pass --data-dir to a folder or archive holding it, or add --download", downloader=_torchvision_download("CIFAR100"),
     description="CIFAR-100, 50 000 / 10 000 images 32×32, 100 classes"))

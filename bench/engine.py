@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import faults
 from .checkpoint import load_latest, save_state
 from .config import RunConfig
 from .data import Dataset
@@ -238,6 +239,7 @@ class Trainer:
                     first_bad = torch.where((first_bad < 0) & bad, torch.tensor(step, device=dev), first_bad)
                 images += batch.y.shape[0]
                 bar.update(1)
+                faults.point("step")
             bar.close()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -257,6 +259,7 @@ class Trainer:
             self.save_checkpoint(epoch + 1)
             self.run.write_metrics(self.metrics)
             self.echo(self.format_row(row, epochs))
+            faults.point("epoch")
         self.start_epoch = end
 
     def probe(self) -> dict[str, float]:
@@ -287,7 +290,7 @@ class Trainer:
         model = self.method.export(self.evaluated_module()).to("cpu").float()
         model = model.to(memory_format=torch.contiguous_format)
         meta = {"arch": self.cfg.arch, "num_classes": str(self.dataset.num_classes),
-                "channels": str(self.dataset.channels), "run": self.cfg.run_name}
+                "channels": str(self.dataset.channels), "run": self.cfg.run_name, "method": self.cfg.method}
         write_safetensors(self.run.final_weights, model.state_dict(), meta)
         return model
 
@@ -334,7 +337,7 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
     for n, attacks in groups.items():
         res = evaluate(model, dataset.test, attacks, n=n, device=device, seed=cfg.seed,
                        batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state", progress=progress,
-                       checks="deterministic" not in existing.get("checks", {}))
+                       checks="deterministic" not in existing.get("checks", {}), aa_chunk=cfg.aa_chunk)
         existing["results"].update(res["results"])
         existing["checks"] = {**existing.get("checks", {}), **res["checks"]}
         finalize_checks(existing)
@@ -345,6 +348,7 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
         for a in attacks:
             r = res["results"][a]
             echo(f"[{cfg.method} s{cfg.seed}] {a}: {r['acc']:.2f}% ({r['correct']}/{r['n']}, {r['seconds']:.1f}s)")
+        faults.point("attack")
     if existing.get("suspect"):
         echo(f"[{cfg.method} s{cfg.seed}] SUSPECT: failed checks {', '.join(existing['suspect'])} (see eval.json)")
     return existing

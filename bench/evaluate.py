@@ -173,7 +173,8 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
                 bar = tqdm(total=n, desc="AutoAttack", unit="img", leave=False, disable=not progress or None)
                 key = f"{digest}|{eps}|{seed}|standard|{n}"
                 flags, warnings_ = autoattack(model, x_all, y_all, eps=eps, batch_size=batch_size, seed=seed,
-                                              state_dir=state_dir, state_key=key, progress=bar.update)
+                                              state_dir=state_dir, state_key=key, progress=bar.update,
+                                              chunk=aa_chunk)
                 bar.close()
                 correct = flags.to(device)
                 extra = {"version": "standard", "flags": warnings_}

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import faults
 from .errors import BenchError
 
 
@@ -50,6 +51,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Any], None], mode: s
             writer(f)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("write")
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 from .fsutil import RunLock, atomic_write_json, atomic_write_text, read_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,7 +65,11 @@ class RunDir:
 
     @classmethod
     def for_config(cls, cfg) -> "RunDir":
-        return cls(Path(cfg.results_dir) / "runs" / cfg.run_name)
+        name = cfg.run_name
+        # names come from registry names, an integer seed and a hash; refuse anything that could leave runs/
+        if not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+            raise ValueError(f"unsafe run directory name {name!r}")
+        return cls(Path(cfg.results_dir) / "runs" / name)
 
     @property
     def name(self) -> str:
@@ -101,6 +107,14 @@ class RunDir:
 
     def read_eval(self) -> dict[str, Any] | None:
         return read_json(self.eval) if self.eval.is_file() else None
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files (``.<name>.<random>.tmp``) a killed writer left behind. Call only while holding
+        the run's lock: then no other process is writing here."""
+        stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     def mark_done(self) -> None:
         atomic_write_text(self.done, "done\n")

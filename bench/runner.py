@@ -39,6 +39,7 @@ class RunRequest:
     attacks: str | list[str] | None = None
     eval_n: int | None = None
     aa_n: int | None = None
+    aa_chunk: int | None = None
     probe_n: int | None = None
     device: str = "auto"
     precision: str | None = None
@@ -54,6 +55,31 @@ def _pick(flag, preset_run: dict, key: str, default):
     if flag is not None:
         return flag
     return preset_run.get(key, default)
+
+
+def resolve_pretrained(path: str) -> tuple[Path, str | None]:
+    """``--pretrained``: a run directory (its final weights) or a checkpoint file. Returns the weights file and the
+    method that trained it when the suite knows (its own runs and exported weights), else None."""
+    p = Path(path)
+    if p.is_dir():
+        run = RunDir(p)
+        if not run.config.is_file() or not run.final_weights.is_file():
+            raise BenchError(f"--pretrained {path} is a directory but not a finished run (no config.json or "
+                             "ckpt/model.safetensors); accepted: a run directory or a checkpoint file")
+        return run.final_weights, run.read_config()["config"]["method"]
+    if not p.is_file():
+        raise BenchError(f"--pretrained {path} does not exist; accepted: a run directory or a checkpoint file "
+                         "(.safetensors, .pt, .pth)")
+    method = None
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                method = (f.metadata() or {}).get("method")
+        except Exception:
+            pass  # not readable as safetensors: loading it later gives the one-line error
+    return p, method
 
 
 def file_digest(path: str | Path) -> str:
@@ -94,7 +120,8 @@ def plan(req: RunRequest) -> list[Planned]:
     attacks = parse_attacks(_pick(req.attacks, run, "attacks", ["clean", "pgd20", "aa"]))
     ints = {"subset": _pick(req.subset, run, "subset", None), "eval_n": _pick(req.eval_n, run, "eval_n", None),
             "aa_n": _pick(req.aa_n, run, "aa_n", None), "probe_n": _pick(req.probe_n, run, "probe_n", 256),
-            "eval_batch_size": run.get("eval_batch_size", 256)}
+            "eval_batch_size": run.get("eval_batch_size", 256),
+            "aa_chunk": _pick(req.aa_chunk, run, "aa_chunk", 1000)}
     for k, v in ints.items():
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "probe_n" else 1)):
             raise BenchError(f"--{k.replace('_', '-')} {v!r}; accepted: a positive integer")
@@ -103,12 +130,16 @@ def plan(req: RunRequest) -> list[Planned]:
     sets = parse_sets(req.sets)
     check_sets(sets, methods)
     overrides = {"epochs": req.epochs, "batch_size": req.batch_size, "lr": req.lr}
-    pretrained_id = None
+    pretrained_id, pretrained_path = None, None
     if req.pretrained is not None:
-        if not Path(req.pretrained).is_file():
-            raise BenchError(f"--pretrained {req.pretrained} does not exist; accepted: a checkpoint file "
-                             "(.safetensors, .pt, .pth)")
-        pretrained_id = f"file:{file_digest(req.pretrained)}"
+        pretrained_path, pretrained_method = resolve_pretrained(req.pretrained)
+        pretrained_id = f"file:{file_digest(pretrained_path)}"
+        for m in methods:
+            starts = METHODS.get(m).starts_from
+            if starts != "scratch" and pretrained_method not in (None, STARTING_METHOD[starts]):
+                raise BenchError(f"--pretrained {req.pretrained} is a {pretrained_method} model; {m} starts from a "
+                                 f"{starts} model (accepted: a {STARTING_METHOD[starts]} run or its weights, or a "
+                                 "checkpoint from elsewhere)")
     common = dict(dataset=dataset, arch=arch, preset=preset["name"], precision=precision, attacks=attacks,
                   normalize=bool(_pick(req.normalize, run, "normalize", False)),
                   channels_last=bool(_pick(req.channels_last, run, "channels_last", False)),
@@ -132,7 +163,7 @@ def plan(req: RunRequest) -> list[Planned]:
             starts = METHODS.get(m).starts_from
             if starts != "scratch":
                 if pretrained_id is not None:
-                    cfg.pretrained, cfg.pretrained_path = pretrained_id, str(req.pretrained)
+                    cfg.pretrained, cfg.pretrained_path = pretrained_id, str(pretrained_path)
                 else:
                     base = STARTING_METHOD[starts]
                     base_cfg = RunConfig(method=base, seed=seed, hp=resolve_hp(base, preset, {}, sets,
@@ -179,6 +210,7 @@ class Runner:
                 return run
         dataset = self.dataset(cfg)
         with run.lock.hold():
+            run.remove_stale_temporaries()
             if not run.config.is_file():
                 run.write_config(cfg, device_name(device))
             if run.is_done():

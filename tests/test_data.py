@@ -214,3 +214,18 @@ def test_per_class_subset_keeps_order(synthetic):
     assert torch.bincount(sub.y).tolist() == [3] * 10
     first = (synthetic.train.y == sub.y[0]).nonzero()[0, 0]
     assert torch.equal(sub.x[0], synthetic.train.x[first])
+
+
+def test_an_archive_that_would_write_outside_the_cache_is_refused(tmp_path):
+    import io
+
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        data = b"owned"
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(BenchError, match="cannot unpack"):
+        D.load_dataset("cifar10", archive)
+    assert not list(tmp_path.parent.rglob("escaped.txt"))
+    assert not list(D.default_cache_dir().rglob("escaped.txt"))

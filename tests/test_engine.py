@@ -158,3 +158,11 @@ def test_torch_compile_trains_through_the_attacks_mode_switches(tmp_path):
     (run,) = run_request(small_request(tmp_path, methods=["pgd-at"], epochs=1, subset=10, compile=True))
     assert run.is_done() and run.read_config()["config"]["compile"] is True
     assert run.read_metrics()[0]["loss"] == run.read_metrics()[0]["loss"]  # finite, not NaN
+
+
+def test_run_directories_cannot_leave_results_runs(tmp_path):
+    from bench.config import RunConfig
+
+    cfg = RunConfig(method="../../x", dataset="synthetic", arch="smallcnn", seed=0, hp={}, results_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unsafe run directory name"):
+        RunDir.for_config(cfg)

@@ -156,3 +156,18 @@ def test_pretrained_path_overrides_the_suite_model(tmp_path, finetune_method, ti
     (run,) = run_request(small_request(tmp_path, methods=["test-finetune"], pretrained=str(path)))
     assert run.read_config()["config"]["pretrained"].startswith("file:")
     assert not [p for p in (tmp_path / "results" / "runs").iterdir() if "_natural_" in p.name]
+
+
+def test_pretrained_of_the_wrong_kind_is_refused(tmp_path, finetune_method):
+    from bench.errors import BenchError
+    from bench.runner import plan
+
+    (pgd_run,) = run_request(small_request(tmp_path, methods=["pgd-at"], epochs=1))
+    for given in (pgd_run.path, pgd_run.final_weights):
+        with pytest.raises(BenchError, match=r"is a pgd-at model; test-finetune starts from a natural model"):
+            plan(small_request(tmp_path, methods=["test-finetune"], pretrained=str(given)))
+    (nat_run,) = run_request(small_request(tmp_path, methods=["natural"], epochs=1))
+    (p,) = plan(small_request(tmp_path, methods=["test-finetune"], pretrained=str(nat_run.path)))
+    assert p.cfg.pretrained_path == str(nat_run.final_weights) and p.cfg.pretrained.startswith("file:")
+    with pytest.raises(BenchError, match="is a directory but not a finished run"):
+        plan(small_request(tmp_path, methods=["test-finetune"], pretrained=str(tmp_path)))
