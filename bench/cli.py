@@ -269,6 +269,9 @@ def status_cmd(results_dir, as_json) -> None:
             click.echo(json.dumps(st))
             continue
         accs = "  ".join(f"{a} {st[a]:.2f}" for a in ("clean", "pgd20", "aa") if st[a] is not None)
+        suspect = (run.read_eval() or {}).get("suspect")
+        if suspect:
+            accs += f"  SUSPECT: {','.join(suspect)}"
         extra = ""
         if st["state"] == "running":
             holder = run.lock.holder()

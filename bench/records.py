@@ -178,6 +178,7 @@ def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = F
             row[f"hp.{k}"] = json.dumps(v) if isinstance(v, (dict, list)) else v
         ev = run.read_eval()
         if ev:
+            row["suspect"] = ",".join(ev.get("suspect", [])) or None
             for name, r in ev.get("results", {}).items():
                 row[name] = r.get("acc")
                 row[f"{name}_n"] = r.get("n")

@@ -231,28 +231,33 @@ class Runner:
 def summary_rows(runs: list[RunDir]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
-        c = run.read_config()["config"]
+        rec = run.read_config()
+        c = rec["config"]
         metrics = run.read_metrics()
-        ev = (run.read_eval() or {}).get("results", {})
+        record = run.read_eval() or {}
+        ev = record.get("results", {})
         secs = [m["seconds"] for m in metrics]
         rows.append({"method": c["method"], "seed": c["seed"], "dataset": c["dataset"], "arch": c["arch"],
                      **{a: ev.get(a, {}).get("acc") for a in ("clean", "pgd20", "aa")},
                      **{f"{a}_n": ev.get(a, {}).get("n") for a in ("clean", "pgd20", "aa")},
                      "s_per_epoch": sum(secs) / len(secs) if secs else None, "epochs": len(metrics),
-                     "device": run.read_config().get("device"), "run": run.name})
+                     "device": rec.get("device"), "suspect": record.get("suspect", []), "run": run.name})
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Clean / PGD-20 / AutoAttack (accuracy %, with n) and seconds per epoch, one line per run."""
-    head = ["method", "seed", "Clean", "PGD-20", "AA", "s/epoch", "epochs", "run"]
+    """Clean / PGD-20 / AutoAttack (accuracy %, with n), seconds per epoch and the sanity checks, one line per run;
+    a run with a failed check is marked SUSPECT with the checks' names."""
+    head = ["method", "seed", "Clean", "PGD-20", "AA", "s/epoch", "epochs", "checks", "run"]
     lines = []
+
     def acc(r, a):
         return "—" if r[a] is None else f"{r[a]:.2f} (n={r[a + '_n']})"
 
     for r in rows:
         lines.append([r["method"], str(r["seed"]), acc(r, "clean"), acc(r, "pgd20"), acc(r, "aa"),
-                      "—" if r["s_per_epoch"] is None else f"{r['s_per_epoch']:.2f}", str(r["epochs"]), r["run"]])
+                      "—" if r["s_per_epoch"] is None else f"{r['s_per_epoch']:.2f}", str(r["epochs"]),
+                      "SUSPECT: " + ",".join(r["suspect"]) if r["suspect"] else "ok", r["run"]])
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]

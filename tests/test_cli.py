@@ -120,6 +120,19 @@ def test_run_then_status_eval_and_list(capsys, monkeypatch, tmp_path):
     assert clean_dir in out2 and json.loads((tmp_path / "e.json").read_text())["results"]["clean"]["n"] == 10
     code, out, _ = bench(capsys, monkeypatch, "list")
     assert code == 0 and "pgd-at" in out and "starts from" in out and "tinyimagenet" in out and "smoke" in out
+    # a failed sanity check marks the run in every table that shows it
+    from bench.records import RunDir
+    from bench.runner import format_table, summary_rows
+
+    assert "  ok  " in format_table(summary_rows([RunDir(run_dir)]))
+    ev = json.loads((run_dir / "eval.json").read_text())
+    ev["checks"]["large_eps_breaks"]["passed"] = False
+    from bench.evaluate import finalize_checks
+
+    (run_dir / "eval.json").write_text(json.dumps(finalize_checks(ev)))
+    assert "SUSPECT: large_eps_breaks" in format_table(summary_rows([RunDir(run_dir)]))
+    code, out, _ = bench(capsys, monkeypatch, "status", "--results", str(results))
+    assert "SUSPECT: large_eps_breaks" in out
 
 
 def test_a_second_process_on_the_same_run_is_told_who_holds_it(capsys, monkeypatch, tmp_path):
