@@ -348,7 +348,6 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
         for a in attacks:
             r = res["results"][a]
             echo(f"[{cfg.method} s{cfg.seed}] {a}: {r['acc']:.2f}% ({r['correct']}/{r['n']}, {r['seconds']:.1f}s)")
-        faults.point("attack")
     if existing.get("suspect"):
         echo(f"[{cfg.method} s{cfg.seed}] SUSPECT: failed checks {', '.join(existing['suspect'])} (see eval.json)")
     return existing

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import faults
 from .attacks import assert_eval, autoattack, bn_mode, pgd
 from .checkpoint import tensor_digest
 from .data import Split
@@ -197,6 +198,7 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
         c = int(correct.sum())
         results[name] = {"acc": 100.0 * c / n, "correct": c, "n": n, "seconds": round(time.perf_counter() - t0, 3),
                          "points": encode_points(correct), **extra}
+        faults.point("attack")
     if len(per_point) > 1:
         worst = torch.stack(list(per_point.values())).all(0)
         c = int(worst.sum())
