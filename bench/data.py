@@ -59,12 +59,24 @@ class Split:
     def head(self, n: int | None) -> "Split":
         return self if n is None or n >= len(self) else Split(self.x[:n], self.y[:n])
 
-    def per_class(self, n: int) -> "Split":
-        """The first ``n`` examples of every class, in their original order."""
+    def _mask_per_class(self, first: int | None = None, last: int | None = None) -> torch.Tensor:
         keep = torch.zeros(len(self), dtype=torch.bool)
         for c in self.y.unique():
-            keep[(self.y == c).nonzero().flatten()[:n]] = True
-        return self.take(keep.nonzero().flatten())
+            idx = (self.y == c).nonzero().flatten()
+            keep[idx[:first] if first is not None else idx[len(idx) - last:]] = True
+        return keep
+
+    def per_class(self, n: int) -> "Split":
+        """The first ``n`` examples of every class, in their original order."""
+        return self.take(self._mask_per_class(first=n).nonzero().flatten())
+
+    def last_per_class(self, n: int) -> "Split":
+        """The last ``n`` examples of every class (a held-out slice), in their original order."""
+        return self.take(self._mask_per_class(last=n).nonzero().flatten())
+
+    def drop_last_per_class(self, n: int) -> "Split":
+        """Everything but :meth:`last_per_class` ``(n)``."""
+        return self.take((~self._mask_per_class(last=n)).nonzero().flatten())
 
 
 @dataclass

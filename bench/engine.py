@@ -10,13 +10,14 @@ weights bit for bit on a CPU as one that was never interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -107,6 +108,31 @@ def _summarise(sums: dict[str, torch.Tensor], steps: int, images: int) -> dict[s
     return out
 
 
+class _SealedSplit:
+    """Stands in for the test split while a method trains: any use of it is an error (RiFT's stages, and every
+    other method, must select and fine-tune on training data only; METHODS.md Decision 6)."""
+
+    def __getattr__(self, name: str):
+        raise BenchError(f"the test split is sealed during training (attribute {name!r} was read); stages may use "
+                         "only the training split and its held-out slice")
+
+    def __len__(self) -> int:
+        raise BenchError("the test split is sealed during training; stages may use only the training split and "
+                         "its held-out slice")
+
+
+@contextlib.contextmanager
+def sealed_test(dataset: Dataset) -> Iterator[None]:
+    """Replace ``dataset.test`` by :class:`_SealedSplit` inside the block (the feature-gap probe's images were
+    copied at construction and are only ever read by the probe, which moves no weight)."""
+    saved = dataset.test
+    dataset.test = _SealedSplit()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        dataset.test = saved
+
+
 class Trainer:
     """Trains one run (``cfg``) in ``run`` on ``dataset``; see the module docstring."""
 
@@ -120,11 +146,19 @@ class Trainer:
         self.method_cls = get_method(cfg.method)
         hp = cfg.hp
         train = dataset.train.per_class(cfg.subset) if cfg.subset else dataset.train
+        held = int(hp.get("holdout_per_class", 0) or 0)
+        # a method may keep the last `holdout_per_class` images of every class out of training (RiFT's MRC and
+        # validation data): it gets them through its StageContext, never the test split
+        self.heldout = train.last_per_class(held) if held else None
+        if held:
+            train = train.drop_last_per_class(held)
         from .data import DATASETS
 
         spec = DATASETS.get(cfg.dataset)
+        self.spec = spec
         self.loader = DeviceLoader(train, hp["batch_size"], self.device, seed=hash_seed(cfg.seed, 17),
-                                   pad=spec.crop_pad, flip=spec.flip)
+                                   pad=spec.crop_pad, flip=spec.flip, augment=self.method_cls.loader_augment)
+        self.train_split = train
         if len(self.loader) == 0:
             raise BenchError(f"the training split has {len(train)} images, fewer than one batch of "
                              f"{hp['batch_size']}")
@@ -141,7 +175,9 @@ class Trainer:
             teacher = teacher.to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.method = self.method_cls(hp, model, teacher, len(self.loader))
+        info = {"n": len(train), "shape": tuple(train.x.shape[1:]), "num_classes": dataset.num_classes,
+                "crop_pad": spec.crop_pad, "flip": spec.flip}
+        self.method = self.method_cls(hp, model, teacher, len(self.loader), info)
         trained = self.method.model  # may wrap the architecture (AFD adds D1, D2)
         if cfg.compile:
             self.method.net = torch.compile(trained)
@@ -197,18 +233,41 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.method.model
 
     def train(self, stop_after: int | None = None) -> None:
-        """Train from the current epoch to the last (or only ``stop_after`` epochs, for tests)."""
-        from tqdm import tqdm
-
-        cfg, hp, dev = self.cfg, self.cfg.hp, self.device
-        epochs = hp["epochs"]
-        amp = cfg.precision == "bf16"
+        """Train from the current epoch to the last (or only ``stop_after`` epochs, for tests): the method's stage
+        before training, the epochs, then its stage after training once every epoch is done (or the method
+        stopped early). The test split is sealed throughout."""
+        epochs = self.cfg.hp["epochs"]
+        amp = self.cfg.precision == "bf16"
         end = epochs if stop_after is None else min(epochs, self.start_epoch + stop_after)
+        ctx = self.stage_context()
+        with sealed_test(self.dataset):
+            self.method.before_training(ctx)
+            self._write_method_record()
         if not self.metrics and self.probe_x.shape[0]:
             # epoch 0: the gap of the starting model (the left end of the paper's Fig. 1a curves)
             self.metrics.append({"epoch": 0, **self.probe()})
             self.run.write_metrics(self.metrics)
+        with sealed_test(self.dataset):
+            self._epochs(end, epochs, amp)
+            if self.start_epoch >= epochs or self.method.stopped:
+                self.method.after_training(ctx)
+                self.save_checkpoint(self.start_epoch)
+                self._write_method_record()
+
+    def _write_method_record(self) -> None:
+        from .fsutil import atomic_write_json
+
+        rec = self.method.record()
+        if rec:
+            atomic_write_json(self.run.method_record, {"method": self.cfg.method, **rec})
+
+    def _epochs(self, end: int, epochs: int, amp: bool) -> None:
+        from tqdm import tqdm
+
+        cfg, dev = self.cfg, self.device
         for epoch in range(self.start_epoch, end):
+            if self.method.stopped:  # the method ended training early (e.g. FGSM-RS early stopping)
+                break
             torch.manual_seed(hash_seed(cfg.seed, epoch, 1))
             self.method.model.train()
             self.method.begin_epoch(epoch)
@@ -253,14 +312,24 @@ class Trainer:
             row.update({k: round(v, 6) for k, v in _summarise(sums, len(self.loader), images).items()})
             if dev.type == "cuda":
                 row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+            row.update(self.method.end_epoch(epoch))
             if self.probe_x.shape[0]:
                 row.update(self.probe())
             self.metrics.append(row)
+            self.start_epoch = epoch + 1
             self.save_checkpoint(epoch + 1)
             self.run.write_metrics(self.metrics)
             self.echo(self.format_row(row, epochs))
+            if self.method.stopped:
+                self.echo(f"[{self.tag}] {self.cfg.method} stopped training after epoch {epoch + 1}")
             faults.point("epoch")
-        self.start_epoch = end
+
+    def stage_context(self):
+        from methods.base import StageContext
+
+        return StageContext(train=self.train_split, heldout=self.heldout, device=self.device, seed=self.cfg.seed,
+                            echo=lambda s: self.echo(f"[{self.tag}] {s}"),
+                            save=lambda: self.save_checkpoint(self.start_epoch), progress=self.progress)
 
     def probe(self) -> dict[str, float]:
         """Feature gaps of the evaluated module on the fixed probe batch: ``feature_gap`` as the method defines it

@@ -78,6 +78,7 @@ class RunDir:
     config = property(lambda self: self.path / "config.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     eval = property(lambda self: self.path / "eval.json")
+    method_record = property(lambda self: self.path / "method.json")  # what a method's stages found (RiFT)
     done = property(lambda self: self.path / "done")
     ckpt_dir = property(lambda self: self.path / "ckpt")
     final_weights = property(lambda self: self.path / "ckpt" / "model.safetensors")
@@ -107,6 +108,9 @@ class RunDir:
 
     def read_eval(self) -> dict[str, Any] | None:
         return read_json(self.eval) if self.eval.is_file() else None
+
+    def read_method_record(self) -> dict[str, Any] | None:
+        return read_json(self.method_record) if self.method_record.is_file() else None
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary files (``.<name>.<random>.tmp``) a killed writer left behind. Call only while holding

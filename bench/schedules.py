@@ -8,6 +8,11 @@ from 1, and each schedule says how it maps.
 * ``cosine``: lr₀·½(1 + cos(π t/T)) per step, T = all steps.
 * ``piecewise`` (points: [[epoch, factor], ...]): linear interpolation of lr₀·factor in fractional epochs, per step
   (GradAlign's cyclic schedule, Wong et al.'s triangular one).
+* ``cyclic`` (peak = 0.5): the triangular one-cycle schedule of the fast-AT papers, linear from 0 to lr₀ at fraction
+  ``peak`` of the run and back to 0 at its end, per step (Wong et al.'s ``CyclicLR`` with step_size_up = half of all
+  iterations has peak 0.5; GradAlign's ``interp(t, [0, 2E//5, E], [0, lr_max, 0])`` has peak 0.4). Time is
+  ``epoch + (step+1)/steps_per_epoch`` as in GradAlign's ``lr_schedule(epoch + (i+1)/len(loader))``;
+  :func:`cyclic_factor` evaluates it at any fraction of the run (Free-AT steps it per replay).
 * ``suzuki``: the AFT schedule of METHODS.md §9 (AFD code ``tl+sl.py`` L106-113): epochs 1-10 at lr₀, ×0.8 at
   epoch 11, then halved at epochs 13, 15, 17, 19 (1-based).
 """
@@ -18,7 +23,15 @@ from typing import Any
 
 from .errors import BenchError
 
-NAMES = ("constant", "multistep", "cosine", "piecewise", "suzuki")
+NAMES = ("constant", "multistep", "cosine", "piecewise", "cyclic", "suzuki")
+
+
+def cyclic_factor(frac: float, peak: float = 0.5) -> float:
+    """The triangle 0 → 1 → 0 of the ``cyclic`` schedule at ``frac`` ∈ [0, 1] of the run (peak at ``peak``)."""
+    if not 0.0 < peak < 1.0:
+        raise BenchError(f"schedule 'cyclic': peak {peak!r} must lie strictly between 0 and 1")
+    frac = min(max(frac, 0.0), 1.0)
+    return frac / peak if frac <= peak else (1.0 - frac) / (1.0 - peak)
 
 
 def lr_at(lr0: float, schedule: dict[str, Any] | str | None, epoch: int, step: int, steps_per_epoch: int,
@@ -51,6 +64,9 @@ def lr_at(lr0: float, schedule: dict[str, Any] | str | None, epoch: int, step: i
             if t <= x1:
                 return lr0 * (y0 + (y1 - y0) * (t - x0) / max(x1 - x0, 1e-12))
         return lr0 * ys[-1]
+    if name == "cyclic":
+        t = (epoch + (step + 1) / max(1, steps_per_epoch)) / max(1, epochs)
+        return lr0 * cyclic_factor(t, float(schedule.get("peak", 0.5)))
     if name == "suzuki":
         e = epoch + 1
         if e <= 10:

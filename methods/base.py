@@ -11,6 +11,12 @@ The engine owns the data, the clock and the disk; a method owns its losses, its 
   ending in ``_sum`` are divided by the number of images, others by the number of steps). No host syncs.
 * ``state_dict()`` / ``load_state_dict()``: everything needed to resume mid-run besides the model weights.
 * ``export(module)``: the plain classifier that is evaluated (AFD folds D₁ into ω here).
+* ``begin_epoch(epoch)`` / ``end_epoch(epoch) -> dict``: hooks around every epoch (ATAS re-draws its buffer; FGSM-RS
+  checks for catastrophic overfitting, may set ``self.stopped`` and restore earlier weights).
+* ``before_training(ctx)`` / ``after_training(ctx)``: stages around the epochs (RiFT's MRC and interpolation), given a
+  :class:`StageContext` with the training data and a held-out slice of it — never the test split; they keep their
+  progress in the method state and call ``ctx.save()`` to checkpoint it, so each stage resumes on its own.
+* ``record() -> dict``: what the stages found, saved as ``method.json`` in the run directory.
 * ``probe(module)``: the function the feature-gap probe attacks and its (natural, adversarial) feature maps.
 * ``eval_heads(module)``: extra classifier heads evaluated at the end (AFD's f₁ / f₂ heads, the paper's Table 4).
 
@@ -19,7 +25,8 @@ Registering a name twice is an error. Variants and ablations are separate regist
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -29,6 +36,9 @@ from bench.errors import BenchError
 from bench.loader import Batch
 from bench.registry import Registry
 from bench.schedules import lr_at
+
+if TYPE_CHECKING:
+    from bench.data import Split
 
 METHODS: Registry[type["Method"]] = Registry("method")
 
@@ -63,6 +73,7 @@ class Method:
     starts_from: ClassVar[str] = "scratch"
     paper: ClassVar[str] = ""  # where the method is specified (METHODS.md section)
     attack_bn: ClassVar[str | None] = None  # BN mode of the training attack, recorded in the run config
+    loader_augment: ClassVar[bool] = True  # False: the method gets un-augmented batches and augments itself (ATAS)
     defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
@@ -72,8 +83,11 @@ class Method:
         return out
 
     def __init__(self, hp: dict[str, Any], model: nn.Module, teacher: nn.Module | None = None,
-                 steps_per_epoch: int = 1):
+                 steps_per_epoch: int = 1, info: dict[str, Any] | None = None):
         self.hp = hp
+        # the training set the engine iterates: n images of shape (C, H, W), num_classes, crop_pad, flip
+        self.info = info or {}
+        self.stopped = False  # set by a method that ends training early (its current weights are the result)
         self.model = model
         self.net: Callable[[torch.Tensor], torch.Tensor] = model  # the engine may swap in a compiled forward
         self.teacher = teacher
@@ -112,6 +126,21 @@ class Method:
     def begin_epoch(self, epoch: int) -> None:
         """Hook called before the first step of every epoch (e.g. to re-draw per-example state)."""
 
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """Hook called after the last step of every epoch, before the checkpoint; returns extra metrics to log."""
+        return {}
+
+    def before_training(self, ctx: "StageContext") -> None:
+        """A stage before the first epoch (runs on every start; skip what the method state says is done)."""
+
+    def after_training(self, ctx: "StageContext") -> None:
+        """A stage after the last epoch (runs on every start once the epochs are done)."""
+
+    def record(self) -> dict[str, Any]:
+        """What the method's stages found, written to the run's ``method.json`` (RiFT: every module's MRC, the
+        chosen module, the α curve); default nothing."""
+        return {}
+
     def pgd_attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The method's training PGD: ``attack_steps`` steps of ``attack_step`` in the ε-ball, U(−ε, ε) start
         (not clipped, as the AFD/TRADES code), CE on ``self.net``, model in the method's ``attack_bn`` mode."""
@@ -127,9 +156,10 @@ class Method:
 
     # -- state --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+        return {"optimizers": [o.state_dict() for o in self.optimizers], "stopped": self.stopped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stopped = bool(state.get("stopped", False))
         opts = state.get("optimizers", [])
         if len(opts) != len(self.optimizers):
             raise BenchError(f"checkpoint holds {len(opts)} optimiser states; method {self.name} has "
@@ -151,6 +181,21 @@ class Method:
     def eval_heads(self, module: nn.Module) -> dict[str, nn.Module]:
         """Extra heads evaluated (clean, PGD-20) on the final model besides the exported classifier; default none."""
         return {}
+
+
+@dataclass
+class StageContext:
+    """What a stage before or after the epochs may use: the training images the engine trains on (``train``), the
+    held-out slice of the training split (``heldout``, ``holdout_per_class`` images of every class, never trained
+    on), the device, the seed, a logger and ``save()`` to checkpoint progress. It holds no test data."""
+
+    train: "Split"
+    heldout: "Split | None"
+    device: torch.device
+    seed: int
+    echo: Callable[[str], None]
+    save: Callable[[], None]
+    progress: bool = False
 
 
 def get_method(name: str) -> type[Method]:

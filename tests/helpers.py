@@ -17,3 +17,39 @@ def run_request(req, echo=lambda s: None):
         runner.execute(p.cfg, p.base)
         runs.append(RunDir.for_config(p.cfg))
     return runs
+
+
+def resumed_equals_straight(cfg, dataset, root, init_weights=None, stop_after=2):
+    """Train ``cfg`` straight through in ``root/a``; train it in ``root/b`` for ``stop_after`` epochs, then resume it
+    in a fresh Trainer and finish. Asserts equal weights (trained and evaluated module), optimiser momenta, method
+    tensors and per-epoch records (timings aside); returns the two trainers."""
+    import torch
+
+    from bench.engine import Trainer
+
+    def trainer(d):
+        return Trainer(cfg, dataset, RunDir(root / d), init_weights=init_weights, progress=False, echo=lambda s: None)
+
+    a = trainer("a")
+    a.train()
+    trainer("b").train(stop_after=stop_after)
+    b = trainer("b")
+    assert b.resume() == stop_after
+    b.train()
+    for x, y in ((a.method.model, b.method.model), (a.evaluated_module(), b.evaluated_module())):
+        sa, sb = x.state_dict(), y.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), cfg.method
+    for oa, ob in zip(a.method.optimizers, b.method.optimizers):
+        for pa, pb in zip(oa.state.values(), ob.state.values()):
+            assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    ma, mb = a.method.state_dict(), b.method.state_dict()
+    for key, va in ma.items():
+        if isinstance(va, torch.Tensor):
+            assert torch.equal(va, mb[key]), key
+
+    def untimed(d):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}
+                for r in RunDir(root / d).read_metrics(start=True)]
+
+    assert untimed("a") == untimed("b")
+    return a, b

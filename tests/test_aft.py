@@ -13,7 +13,7 @@ from bench.loader import Batch
 from bench.models import create_model
 from bench.records import RunDir
 from bench.runner import plan
-from helpers import run_request, small_request
+from helpers import resumed_equals_straight, run_request, small_request
 from methods import get_method
 
 FAMILY = ["vaft", "afkd", "arrest", "afd", "afd-literal", "vaft+d", "vaft+a"]
@@ -184,29 +184,7 @@ def test_resume_mid_run_equals_an_uninterrupted_run(tmp_path, synthetic, pretrai
     req = small_request(tmp_path, methods=[method], epochs=3, subset=10, batch_size=32, pretrained=str(pretrained_file),
                         sets=[f"{method}.attack_steps=2"])
     cfg = plan(req)[0].cfg
-
-    def trainer(d):
-        return Trainer(cfg, synthetic, RunDir(tmp_path / d), init_weights=cfg.pretrained_path, progress=False,
-                       echo=lambda s: None)
-
-    a = trainer("a")
-    a.train()
-    b1 = trainer("b")
-    b1.train(stop_after=2)
-    b2 = trainer("b")
-    assert b2.resume() == 2
-    b2.train()
-    for x, y in ((a.method.model, b2.method.model), (a.evaluated_module(), b2.evaluated_module())):
-        sa, sb = x.state_dict(), y.state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa), method
-    for oa, ob in zip(a.method.optimizers, b2.method.optimizers):
-        for pa, pb in zip(oa.state.values(), ob.state.values()):
-            assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    def untimed(d):
-        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}
-                for r in RunDir(tmp_path / d).read_metrics(start=True)]
-
-    assert untimed("a") == untimed("b")
+    resumed_equals_straight(cfg, synthetic, tmp_path, init_weights=cfg.pretrained_path)
 
 
 @pytest.mark.slow

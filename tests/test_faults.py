@@ -47,6 +47,8 @@ def _args(method, pretrained):
     if method == "natural+aa":
         return AA
     extra = ["--pretrained", str(pretrained), "--set", "afd.attack_steps=3"] if method == "afd" else []
+    if method == "atas":  # the stateful one: per-example buffers, warm-up over by epoch 2, a re-draw at epoch 2
+        extra = ["--set", "atas.warmup_epochs=1", "--set", "atas.reset_every=2"]
     return BASE + ["--methods", method] + extra
 
 
@@ -54,7 +56,7 @@ def _args(method, pretrained):
 def straight(tmp_path_factory, pretrained):
     """Uninterrupted runs, one per method (computed once)."""
     out = {}
-    for method in ("natural", "pgd-at", "afd", "natural+aa"):
+    for method in ("natural", "pgd-at", "afd", "atas", "natural+aa"):
         results = tmp_path_factory.mktemp("straight")
         r = _bench(_args(method, pretrained), results)
         assert r.returncode == 0, r.stderr
@@ -73,8 +75,10 @@ def _numbers(run):
 
 
 # (method, point[:nth]): mid-epoch 2; a checkpoint written but not yet renamed into place (the 5th write: epoch 2's);
-# after the first evaluation attack; after the first AutoAttack chunk of two
+# after the first evaluation attack; after the first AutoAttack chunk of two. ATAS: its per-example buffers must
+# come back exactly from the checkpoint, or the weights differ
 CASES = [(m, p) for m in ("natural", "pgd-at", "afd") for p in ("step:5", "write:5", "attack:1")]
+CASES += [("atas", "step:5"), ("atas", "write:5")]
 CASES += [("natural+aa", "attack:2"), ("natural+aa", "aa_chunk:1")]
 
 

@@ -1,0 +1,178 @@
+"""ATAS: fast adversarial training with adaptive step size (Huang et al. 2023) — METHODS.md §8, the official
+``ATAS.py`` / ``adv_attack.py`` / ``data_aug.py``.
+
+State, kept in the method (so a resumed run continues with the same buffers):
+
+* ``delta``: one perturbation per training image of the **padded** image, N × C × (H+2p) × (W+2p), drawn
+  U(−ε, ε) at the start;
+* ``gdnorm``: one running squared input-gradient norm v_i per training image, 0 at the start.
+
+Per mini-batch (the method augments itself, so the engine hands it un-augmented images and their indices):
+
+1. one random crop offset (0..2p, 0..2p) and one flip per example, applied alike to the zero-padded clean image and
+   to δ_i → x_aug, δ_aug; ``x_init = clip_[0,1](x_aug + δ_aug)``;
+2. model in **eval** mode, ``g = ∇_x CE(f(x_init), y)``;
+3. 1-based epochs ≤ ``warmup_epochs`` (5): step η = ε; after: ``v_i ← β·v_i + (1−β)·‖g_i‖²₂`` (β = 0.5) and
+   ``η_i = clip((2·8/255) / (1 + sqrt(v_i)/c), 4/255, 14/255)``, c = 0.01 (the numerator is hard-coded 2·8/255 in
+   the official code, not 2ε);
+4. ``x′ = Π_ε(x_init + η_i·sign g_i)`` around x_aug, then [0, 1];
+5. model in **train** mode, ``CE(f(sg(x′)), y)``, SGD step;
+6. ``δ_i ← inverse_transform(x′ − x_aug)`` written into the crop window of the padded buffer (un-flipped); the
+   border outside the window keeps its values.
+
+At the start of every 1-based epoch e with e % 10 == 0 and e ≠ the last, the whole buffer is re-drawn U(−ε, ε)
+(``--epochs-reset 10``); v is never reset. Schedule: 30 epochs, lr 0.1, ×0.1 at the official epochs 24 and 28
+(``MultiStepLR`` over iterations: the first step of 0-based epoch 24 ⇒ 1-based 25 and 29 in this suite's
+convention), momentum 0.9, weight decay 5e-4, batch 128. Evaluated on 32×32 test images (METHODS §17 #16).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.attacks import input_grad
+
+from .base import Method, register_method
+
+
+def crop_flip(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Per-example crop of size (h, w) at offsets (oy, ox) of padded images ``x`` (B, C, H+2p, W+2p), then a
+    horizontal flip where ``flip``."""
+    b, c = x.shape[:2]
+    rows = oy[:, None] + torch.arange(h, device=x.device)[None]
+    cols = ox[:, None] + torch.arange(w, device=x.device)[None]
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    out = x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def uncrop_flip_(buf: torch.Tensor, values: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor,
+                 flip: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`crop_flip`: un-flip ``values`` (B, C, h, w) and write them into the crop windows of
+    ``buf`` (B, C, H+2p, W+2p) in place; the rest of ``buf`` is unchanged."""
+    b, c, h, w = values.shape
+    values = torch.where(flip[:, None, None, None], values.flip(3), values)
+    rows = oy[:, None] + torch.arange(h, device=buf.device)[None]
+    cols = ox[:, None] + torch.arange(w, device=buf.device)[None]
+    bi = torch.arange(b, device=buf.device)[:, None, None, None]
+    ci = torch.arange(c, device=buf.device)[None, :, None, None]
+    buf[bi, ci, rows[:, None, :, None], cols[:, None, None, :]] = values.to(buf.dtype)
+    return buf
+
+
+@register_method
+class ATAS(Method):
+    name = "atas"
+    starts_from = "scratch"
+    paper = "METHODS.md §8 (Huang et al. 2023; AFD Tables 1, 5 †)"
+    attack_bn = "eval"
+    loader_augment = False  # ATAS crops and flips image and perturbation buffer together itself
+    defaults = {
+        "epochs": 30,
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "schedule": {"name": "multistep", "milestones": [25, 29], "gamma": 0.1},
+        "warmup_epochs": 5,
+        "c": 0.01,
+        "beta_m": 0.5,
+        "min_step": 4 / 255,
+        "max_step": 14 / 255,
+        "step_numerator": 2 * 8 / 255,
+        "reset_every": 10,
+    }
+
+    def setup(self) -> None:
+        super().setup()
+        n = int(self.info.get("n", 0))
+        c, h, w = self.info.get("shape", (3, 32, 32))
+        self.pad = int(self.info.get("crop_pad", 4))
+        self.flip = bool(self.info.get("flip", True))
+        dev = next(self.model.parameters()).device
+        self.delta = torch.empty(n, c, h + 2 * self.pad, w + 2 * self.pad, device=dev)
+        self.redraw()
+        self.gdnorm = torch.zeros(n, device=dev)
+        self.begin_epoch_stats()
+
+    def redraw(self) -> None:
+        """δ ← U(−ε, ε) over the whole padded buffer (global RNG: the engine seeds it per epoch)."""
+        eps = self.hp["eps"]
+        self.delta.copy_((torch.rand(self.delta.shape) * 2 - 1).mul_(eps).to(self.delta.device))
+
+    def begin_epoch(self, epoch: int) -> None:
+        e = epoch + 1  # the official loop counts epochs from 1
+        if e % self.hp["reset_every"] == 0 and e != self.hp["epochs"]:
+            self.redraw()
+        self.begin_epoch_stats()
+
+    def begin_epoch_stats(self) -> None:
+        # min, max and sum of the step sizes of this epoch, logged by end_epoch
+        self.step_stats = torch.tensor([float("inf"), 0.0, 0.0], device=self.delta.device)
+        self.step_count = 0
+
+    def transform(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One crop offset and flip per example (global RNG, on the CPU so results do not depend on the device)."""
+        p = self.pad
+        oy = torch.randint(0, 2 * p + 1, (b,)).to(device)
+        ox = torch.randint(0, 2 * p + 1, (b,)).to(device)
+        flip = (torch.rand(b) < 0.5).to(device) if self.flip else torch.zeros(b, dtype=torch.bool, device=device)
+        return oy, ox, flip
+
+    def step_sizes(self, g: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """η_i per example; updates v_i after the warm-up."""
+        hp = self.hp
+        if epoch + 1 <= hp["warmup_epochs"]:
+            return torch.full((g.shape[0],), float(hp["eps"]), device=g.device)
+        v = g.flatten(1).float().norm(dim=1).pow(2) * (1 - hp["beta_m"]) + self.gdnorm[idx] * hp["beta_m"]
+        self.gdnorm[idx] = v
+        eta = hp["step_numerator"] / (1 + v.sqrt() / hp["c"])
+        return eta.clamp(hp["min_step"], hp["max_step"])
+
+    def train_step(self, batch, epoch, step):
+        x, y, idx = batch.x, batch.y, batch.idx
+        b, _, h, w = x.shape
+        eps, p = self.hp["eps"], self.pad
+        oy, ox, flip = self.transform(b, x.device)
+        with torch.no_grad():
+            x_aug = crop_flip(F.pad(x, (p, p, p, p)), oy, ox, flip, h, w)
+            d_aug = crop_flip(self.delta[idx], oy, ox, flip, h, w)
+            x_init = (x_aug + d_aug).clamp(0.0, 1.0)
+        self.model.eval()
+        g, _ = input_grad(self.net, x_init, y)
+        eta = self.step_sizes(g, idx, epoch)
+        with torch.no_grad():
+            x_adv = x_init + eta[:, None, None, None] * g.sign()
+            x_adv = torch.min(torch.max(x_adv, x_aug - eps), x_aug + eps).clamp_(0.0, 1.0)
+        self.model.train()
+        logits = self.net(x_adv)
+        loss = F.cross_entropy(logits.float(), y)
+        self.ce_step(self.optimizer, loss)
+        with torch.no_grad():
+            rows = self.delta[idx]
+            uncrop_flip_(rows, x_adv - x_aug, oy, ox, flip)
+            self.delta[idx] = rows
+            self.step_stats[0] = torch.minimum(self.step_stats[0], eta.min())
+            self.step_stats[1] = torch.maximum(self.step_stats[1], eta.max())
+            self.step_stats[2] += eta.sum()
+        self.step_count += b
+        return {"loss": loss.detach(), "correct_sum": (logits.argmax(1) == y).sum()}
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        s = self.step_stats.tolist()
+        return {"step_min_255": round(s[0] * 255, 4), "step_max_255": round(s[1] * 255, 4),
+                "step_mean_255": round(s[2] * 255 / max(self.step_count, 1), 4)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "delta": self.delta, "gdnorm": self.gdnorm}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state["delta"].shape != self.delta.shape:
+            from bench.errors import BenchError
+
+            raise BenchError(f"ATAS buffer of shape {tuple(state['delta'].shape)} in the checkpoint; this run's "
+                             f"training set needs {tuple(self.delta.shape)}")
+        self.delta.copy_(state["delta"].to(self.delta.device))
+        self.gdnorm.copy_(state["gdnorm"].to(self.gdnorm.device))

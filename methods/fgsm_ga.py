@@ -1,0 +1,90 @@
+"""FGSM-GA: FGSM training with GradAlign (Andriushchenko & Flammarion 2020) — METHODS.md §7, the GA code's
+``train.py`` / ``utils.get_input_grad``.
+
+Per mini-batch, every forward in **train** mode, in the official order:
+
+1. ``g₁ = ∇_x CE(f(x), y)`` at δ = 0 (zero-init FGSM), **detached** — no double backprop through g₁;
+   ``δ = clip_[−ε,ε](1.25·ε·sign g₁)`` (effectively ε·sign g₁), then x + δ clipped to [0, 1];
+2. ``CE(f(x + sg(δ)), y)``;
+3. ``g₂ = ∇_η CE(f(x + η), y)`` with η ~ U(−ε, ε) (x + η not clipped, as ``get_input_grad``), computed with
+   ``create_graph=True`` so the regulariser's gradient reaches θ through g₂ only;
+4. ``L = CE + λ·(1 − mean_{i∈S} cos(g₁ᵢ, g₂ᵢ))``, the cosine over all pixels of an example, S = the examples whose
+   two gradients both have non-zero norm (no term when S is empty).
+
+λ = 0.2 at ε = 8/255; ``lam = "auto"`` (default) is the GA scripts' λ(ε) = exp(ε_px·ln 10 / 8 + ln 0.02), which is
+0.2 at ε_px = 8. 30 epochs, batch 128, momentum 0.9, weight decay 5e-4, the piecewise-linear cyclic lr
+``interp(t, [0, 2·30//5 = 12, 30], [0, 0.30, 0])`` per iteration (schedule ``cyclic`` with peak 0.4). The GA code
+trains in apex half precision; the suite trains in fp32 unless ``--precision bf16``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bench.attacks import bn_mode, input_grad, uniform_noise
+
+from .base import Method, register_method
+
+
+def gradalign_lambda(eps: float) -> float:
+    """λ(ε) of the GradAlign scripts, ε in [0, 1] units: exp(ε·255·ln(10)/8 + ln 0.02); λ(8/255) = 0.2."""
+    return math.exp(eps * 255.0 * math.log(10.0) / 8.0 + math.log(0.02))
+
+
+def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """1 − mean cosine of the per-example input gradients over the examples where both norms are non-zero (0 when
+    none is). ``g1`` is expected detached; gradients flow through ``g2``."""
+    a, b = g1.flatten(1).float(), g2.flatten(1).float()
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    keep = (na != 0) & (nb != 0)
+    if not bool(keep.any()):
+        return torch.zeros((), device=g2.device)
+    cos = ((a[keep] / na[keep, None]) * (b[keep] / nb[keep, None])).sum(dim=1)
+    return 1.0 - cos.mean()
+
+
+@register_method
+class FGSMGA(Method):
+    name = "fgsm-ga"
+    starts_from = "scratch"
+    paper = "METHODS.md §7 (Andriushchenko & Flammarion 2020; AFD Tables 1, 5 †)"
+    attack_bn = "train"
+    defaults = {
+        "epochs": 30,
+        "lr": 0.3,
+        "weight_decay": 5e-4,
+        "schedule": {"name": "cyclic", "peak": 0.4},
+        "lam": "auto",
+        "fgsm_alpha": 1.25,
+    }
+
+    def setup(self) -> None:
+        super().setup()
+        lam = self.hp["lam"]
+        self.lam = gradalign_lambda(self.hp["eps"]) if lam == "auto" else float(lam)
+
+    def grad2(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """g₂ at x + U(−ε, ε), with the graph kept (double backprop)."""
+        eta = uniform_noise(x, self.hp["eps"]).requires_grad_(True)
+        loss = F.cross_entropy(self.net(x + eta).float(), y)
+        (g,) = torch.autograd.grad(loss, eta, create_graph=True)
+        return g
+
+    def train_step(self, batch, epoch, step):
+        x, y, eps = batch.x, batch.y, self.hp["eps"]
+        self.model.train()
+        with bn_mode(self.model, "train"):
+            g1, _ = input_grad(self.net, x, y)  # at δ = 0; returned detached
+        delta = (self.hp["fgsm_alpha"] * eps * g1.sign()).clamp(-eps, eps)
+        x_adv = (x + delta).clamp(0.0, 1.0).detach()
+        logits = self.net(x_adv)
+        ce = F.cross_entropy(logits.float(), y)
+        reg = torch.zeros((), device=x.device)
+        if self.lam != 0:
+            reg = self.lam * gradalign_reg(g1, self.grad2(x, y))
+        loss = ce + reg
+        self.ce_step(self.optimizer, loss)
+        return {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_gradalign": reg.detach(),
+                "correct_sum": (logits.argmax(1) == y).sum()}
