@@ -53,19 +53,21 @@ def list_cmd() -> None:
     from .data import describe_datasets
     from .models import MODELS
 
+    datasets, presets = describe_datasets(), preset_names()
+    w = max(len(n) for n in [*METHODS.names(), *MODELS.names(), *presets, *(n for n, _ in datasets)]) + 1
     click.echo("methods:")
     for n in METHODS.names():
         info = METHODS.info[n]
-        click.echo(f"  {n:<14} starts from {info['starts_from']:<11} {info['paper']}")
+        click.echo(f"  {n:<{w}} starts from {info['starts_from']:<11} {info['paper']}")
     click.echo("datasets:")
-    for n, d in describe_datasets():
-        click.echo(f"  {n:<14} {d}")
+    for n, d in datasets:
+        click.echo(f"  {n:<{w}} {d}")
     click.echo("architectures:")
     for n in MODELS.names():
-        click.echo(f"  {n:<14} {MODELS.info[n].get('paper') or 'not a paper architecture (CPU smoke runs, tests)'}")
+        click.echo(f"  {n:<{w}} {MODELS.info[n].get('paper') or 'not a paper architecture (CPU smoke runs, tests)'}")
     click.echo("presets:")
-    for n in preset_names():
-        click.echo(f"  {n:<14} {load_preset(n).get('description', '')}")
+    for n in presets:
+        click.echo(f"  {n:<{w}} {load_preset(n).get('description', '')}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

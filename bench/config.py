@@ -203,6 +203,7 @@ def resolve_hp(method: str, preset: dict[str, Any], overrides: dict[str, Any],
     if isinstance(hp.get("schedule"), str):
         hp["schedule"] = {"name": hp["schedule"]}
     validate_hp(method, hp, defaults)
+    get_method(method).check_hp(hp)  # the method's own constraints, before anything is trained
     return hp
 
 

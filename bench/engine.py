@@ -161,7 +161,8 @@ class Trainer:
         self.train_split = train
         if len(self.loader) == 0:
             raise BenchError(f"the training split has {len(train)} images, fewer than one batch of "
-                             f"{hp['batch_size']}")
+                             f"{hp['batch_size']}" + (f" after holding out the last {held} images of every class "
+                             f"({cfg.method}.holdout_per_class; lower it or raise --subset)" if held else ""))
         torch.manual_seed(hash_seed(cfg.seed, 0xA11))
         model = build_model(cfg, dataset)
         teacher = None

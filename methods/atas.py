@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import input_grad
+from bench.errors import BenchError
 
 from .base import Method, register_method
 
@@ -83,6 +84,19 @@ class ATAS(Method):
         "step_numerator": 2 * 8 / 255,
         "reset_every": 10,
     }
+
+    @classmethod
+    def check_hp(cls, hp):
+        cls.require_int("atas", hp, "warmup_epochs", 0)
+        cls.require_int("atas", hp, "reset_every", 1)
+        if not 0 < hp["min_step"] <= hp["max_step"] <= 1:
+            raise BenchError(f"atas.min_step = {hp['min_step']!r}, atas.max_step = {hp['max_step']!r}; accepted: "
+                             "0 < min_step ≤ max_step ≤ 1 (pixel units)")
+        for k in ("c", "step_numerator"):
+            if not hp[k] > 0:
+                raise BenchError(f"atas.{k} = {hp[k]!r}; accepted: a positive number")
+        if not 0 <= hp["beta_m"] < 1:
+            raise BenchError(f"atas.beta_m = {hp['beta_m']!r}; accepted: a number in [0, 1)")
 
     def setup(self) -> None:
         super().setup()
@@ -170,8 +184,6 @@ class ATAS(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if state["delta"].shape != self.delta.shape:
-            from bench.errors import BenchError
-
             raise BenchError(f"ATAS buffer of shape {tuple(state['delta'].shape)} in the checkpoint; this run's "
                              f"training set needs {tuple(self.delta.shape)}")
         self.delta.copy_(state["delta"].to(self.delta.device))

@@ -82,6 +82,19 @@ class Method:
         out.update(copy.deepcopy(cls.defaults))
         return out
 
+    @classmethod
+    def check_hp(cls, hp: dict[str, Any]) -> None:
+        """Raise :class:`BenchError` (one line naming the value and what is accepted) for hyper-parameters this
+        method cannot run with; called when a run is planned, before anything trains. Default: nothing beyond the
+        generic checks of ``bench.config.validate_hp``."""
+
+    @staticmethod
+    def require_int(method: str, hp: dict[str, Any], key: str, low: int) -> int:
+        v = hp[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise BenchError(f"{method}.{key} = {v!r}; accepted: an integer ≥ {low}")
+        return v
+
     def __init__(self, hp: dict[str, Any], model: nn.Module, teacher: nn.Module | None = None,
                  steps_per_epoch: int = 1, info: dict[str, Any] | None = None):
         self.hp = hp

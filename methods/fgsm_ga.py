@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import bn_mode, input_grad, uniform_noise
+from bench.errors import BenchError
 
 from .base import Method, register_method
 
@@ -59,6 +60,14 @@ class FGSMGA(Method):
         "lam": "auto",
         "fgsm_alpha": 1.25,
     }
+
+    @classmethod
+    def check_hp(cls, hp):
+        lam = hp["lam"]
+        ok = lam == "auto" or (isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam)
+                               and lam >= 0)
+        if not ok:
+            raise BenchError(f"fgsm-ga.lam = {lam!r}; accepted: \"auto\" (λ(ε), 0.2 at 8/255) or a number ≥ 0")
 
     def setup(self) -> None:
         super().setup()

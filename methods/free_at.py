@@ -41,6 +41,10 @@ class FreeAT(Method):
         "replays": 8,
     }
 
+    @classmethod
+    def check_hp(cls, hp):
+        cls.require_int("free-at", hp, "replays", 1)
+
     def setup(self) -> None:
         super().setup()
         c, h, w = self.info.get("shape", (3, 32, 32))

@@ -24,7 +24,8 @@ SMALL = ["--preset", "smoke", "--subset", "10", "--epochs", "1", "--attacks", "c
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["--methods", "natral"], r"unknown method 'natral'; accepted: afd, afd-literal, afkd, arrest, natural, pgd-at, vaft"),
+    (["--methods", "natral"], r"unknown method 'natral'; accepted: afd, afd-literal, afkd, arrest, atas, fgsm-ga, fgsm-rs, "
+                                  r"free-at, natural, pgd-at, rift, trades, vaft"),
     (["--dataset", "cifar11"], r"unknown dataset 'cifar11'; accepted: cifar10, cifar100"),
     (["--arch", "resnet19"], r"unknown architecture 'resnet19'; accepted: preactresnet18, resnet18, resnet50"),
     (["--preset", "fast"], r"unknown preset 'fast'; accepted: .*paper, smoke"),
@@ -46,6 +47,14 @@ SMALL = ["--preset", "smoke", "--subset", "10", "--epochs", "1", "--attacks", "c
     (["--precision", "fp8"], r"unknown precision 'fp8'; accepted: bf16, fp32"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], r"--data-dir /nonexistent/dir does not exist"),
     (["--set", "foo.eps=1"], r"unknown method in --set 'foo'"),
+    # a method's own constraints are checked when the run is planned, before its starting model trains
+    (["--methods", "fgsm-ga", "--set", "fgsm-ga.lam=big"], r"fgsm-ga.lam = 'big'; accepted: \"auto\""),
+    (["--methods", "free-at", "--set", "free-at.replays=0"], r"free-at.replays = 0; accepted: an integer ≥ 1"),
+    (["--methods", "atas", "--set", "atas.min_step=0.1"],
+     r"atas.min_step = 0.1, atas.max_step = 0.05\d+; accepted: 0 < min_step ≤ max_step ≤ 1"),
+    (["--methods", "rift", "--set", "rift.holdout_per_class=1"],
+     r"rift.holdout_per_class = 1; accepted: an integer ≥ 2"),
+    (["--methods", "rift", "--set", "rift.alpha_tolerance=-1"], r"rift.alpha_tolerance = -1(\.0)?; accepted: a number ≥ 0"),
 ])
 def test_bad_run_input_is_one_line_exit_2_and_writes_nothing(capsys, monkeypatch, tmp_path, args, pattern):
     import re
