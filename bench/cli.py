@@ -38,6 +38,7 @@ def cli() -> None:
     bench eval RUN_DIR_OR_CHECKPOINT --arch resnet18 --dataset cifar10 --attacks clean,pgd20,aa
     bench status                                  # runs under results/ and how far each got
     bench list                                    # methods, datasets, architectures, presets
+    bench report                                  # the paper's tables and figures from results/
     """
 
 
@@ -282,6 +283,21 @@ def status_cmd(results_dir, as_json) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("report")
+@click.option("--results", "results_dir", default="results", show_default=True,
+              help="Results directory whose runs/ are reported.")
+@click.option("--out", "out_dir", type=click.Path(path_type=str),
+              help="Where tables/, figures/ and index.html go (default: the results directory).")
+def report_cmd(results_dir, out_dir) -> None:
+    """The AFD paper's Tables 1-5 and Figures 1a, 3, 4 (and two overview plots) from the run records, beside the
+    paper's numbers: RESULTS/tables/*.md|csv|tex, RESULTS/figures/*.png|pdf and RESULTS/index.html."""
+    from .report import build
+
+    if out_dir is not None:
+        _check_results_dir(out_dir)
+    build(results_dir, out_dir, echo=click.echo)
 
 
 def main() -> None:

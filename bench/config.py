@@ -245,6 +245,9 @@ class RunConfig:
     probe_n: int = 256
     eval_batch_size: int = 256
     aa_chunk: int = 1000  # AutoAttack is run and saved in chunks of this many images (resume granularity)
+    # the last `holdout` images of every class are kept out of training (set on the PGD-AT base of RiFT, so that
+    # RiFT's held-out slice is unseen by its starting model too); part of the identity only when set
+    holdout: int | None = None
     # below: how to run, not what is run (not part of the run's identity)
     device: str = "cpu"
     channels_last: bool = False
@@ -255,8 +258,12 @@ class RunConfig:
 
     IDENTITY = ("method", "dataset", "arch", "seed", "hp", "subset", "normalize", "precision", "pretrained")
 
+    OPTIONAL_IDENTITY = ("holdout",)  # in the identity only when set: older runs keep their hashes
+
     def identity(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.IDENTITY}
+        out = {k: getattr(self, k) for k in self.IDENTITY}
+        out.update({k: getattr(self, k) for k in self.OPTIONAL_IDENTITY if getattr(self, k) is not None})
+        return out
 
     @property
     def run_hash(self) -> str:

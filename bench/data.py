@@ -63,7 +63,7 @@ class Split:
         keep = torch.zeros(len(self), dtype=torch.bool)
         for c in self.y.unique():
             idx = (self.y == c).nonzero().flatten()
-            keep[idx[:first] if first is not None else idx[len(idx) - last:]] = True
+            keep[idx[:first] if first is not None else idx[max(len(idx) - last, 0):]] = True
         return keep
 
     def per_class(self, n: int) -> "Split":

@@ -146,9 +146,10 @@ class Trainer:
         self.method_cls = get_method(cfg.method)
         hp = cfg.hp
         train = dataset.train.per_class(cfg.subset) if cfg.subset else dataset.train
-        held = int(hp.get("holdout_per_class", 0) or 0)
+        held = int(cfg.holdout or hp.get("holdout_per_class", 0) or 0)
         # a method may keep the last `holdout_per_class` images of every class out of training (RiFT's MRC and
-        # validation data): it gets them through its StageContext, never the test split
+        # validation data): it gets them through its StageContext, never the test split; `cfg.holdout` keeps the
+        # same images out of the training of RiFT's PGD-AT base
         self.heldout = train.last_per_class(held) if held else None
         if held:
             train = train.drop_last_per_class(held)

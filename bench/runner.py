@@ -166,8 +166,12 @@ def plan(req: RunRequest) -> list[Planned]:
                     cfg.pretrained, cfg.pretrained_path = pretrained_id, str(pretrained_path)
                 else:
                     base = STARTING_METHOD[starts]
+                    base_settings = settings(base)
+                    held = hp.get("holdout_per_class") if METHODS.get(m).base_holdout else None
+                    if held:  # the base trains on the same images minus the same held-out slice (RiFT)
+                        base_settings.update(subset=cfg.subset, holdout=int(held))
                     base_cfg = RunConfig(method=base, seed=seed, hp=resolve_hp(base, preset, {}, sets,
-                                                                                 qualified_only=True), **settings(base))
+                                                                                 qualified_only=True), **base_settings)
                     cfg.pretrained = base_cfg.run_name
                     cfg.pretrained_path = str(RunDir.for_config(base_cfg).final_weights)
             configs.append(Planned(cfg, base_cfg))

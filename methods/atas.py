@@ -24,6 +24,10 @@ At the start of every 1-based epoch e with e % 10 == 0 and e ≠ the last, the w
 (``--epochs-reset 10``); v is never reset. Schedule: 30 epochs, lr 0.1, ×0.1 at the official epochs 24 and 28
 (``MultiStepLR`` over iterations: the first step of 0-based epoch 24 ⇒ 1-based 25 and 29 in this suite's
 convention), momentum 0.9, weight decay 5e-4, batch 128. Evaluated on 32×32 test images (METHODS §17 #16).
+The official models normalise their input with ImageNet mean/std inside the network; the suite's default is no
+normalisation (Decision 1: inputs in [0, 1], normalisation inside the model only with ``--normalize``, then with the
+dataset's own statistics). Since c = 0.01 compares against ‖∇ₓ‖ in input units, the adaptive step is not
+scale-free: with normalisation every ‖∇ₓ‖ grows by about 1/std ≈ 4.4, shifting η towards its lower bound.
 """
 from __future__ import annotations
 

@@ -73,6 +73,8 @@ class Method:
     starts_from: ClassVar[str] = "scratch"
     paper: ClassVar[str] = ""  # where the method is specified (METHODS.md section)
     attack_bn: ClassVar[str | None] = None  # BN mode of the training attack, recorded in the run config
+    # True: the starting model (pgd-at / natural base run) holds out the same ``holdout_per_class`` images (RiFT)
+    base_holdout: ClassVar[bool] = False
     loader_augment: ClassVar[bool] = True  # False: the method gets un-augmented batches and augments itself (ATAS)
     defaults: ClassVar[dict[str, Any]] = {}
 

@@ -13,7 +13,9 @@ PGD-5 (one U(−ε, ε) start, step 2/255) on the first training batch of that e
 more than 0.2 (absolute, as a fraction) from the previous epoch's, training stops and the weights after the
 previous epoch are the result — Wong's guard against catastrophic overfitting. Deviation: the check runs with the
 model in eval mode, so it does not move the running statistics (the official check runs in train mode and
-updates them outside any training step).
+updates them outside any training step), and its PGD keeps stepping an example after it is misclassified (Wong's
+``attack_pgd`` freezes such examples; both give the same accuracy up to examples that a later step would move back
+across the boundary).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class FGSMRS(Method):
         "lr": 0.2,
         "weight_decay": 5e-4,
         "schedule": {"name": "cyclic", "peak": 0.5},
-        "attack_step": 1.25 * 8 / 255,  # α = 1.25 ε = 10/255
+        "alpha_ratio": 1.25,  # α = 1.25·ε (10/255 at ε = 8/255), relative so that it follows --set eps
         "early_stop": False,
         "early_stop_steps": 5,
         "early_stop_step": 2 / 255,
@@ -53,7 +55,7 @@ class FGSMRS(Method):
         self.best_state: dict[str, torch.Tensor] | None = None  # the weights after that epoch
 
     def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return fgsm(self.model, x, y, eps=self.hp["eps"], step=self.hp["attack_step"], random_start=True,
+        return fgsm(self.model, x, y, eps=self.hp["eps"], step=self.hp["alpha_ratio"] * self.hp["eps"], random_start=True,
                     bn="train", forward=self.net)
 
     def train_step(self, batch, epoch, step):

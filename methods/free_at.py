@@ -8,8 +8,8 @@ epochs and never reset. Every mini-batch is replayed m = 8 times; each replay is
 3. ``δ ← clip_[−ε,ε](δ + ε·sign ∇_δ)``, then clipped so that x + δ ∈ [0, 1] (Wong's order of the two clamps);
 4. an SGD step on θ with the gradient of step 2, i.e. taken *before* δ moved.
 
-So a mini-batch gives exactly m optimiser steps, and an epoch is one pass over the data (m·len(loader) steps): the
-10 epochs of Wong's ``train_free.py`` (AFD Table 5's "Free-AT†: 10 epochs"). The lr follows Wong's triangular
+So a mini-batch gives exactly m optimiser steps, and an epoch is one pass over the data (m·len(loader) steps):
+10 epochs as METHODS §5 recommends and AFD Table 5 lists ("Free-AT†: 10 epochs"). The lr follows Wong's triangular
 ``CyclicLR`` 0 → 0.04 → 0 over all 10·len(loader)·m replays, evaluated per replay; momentum 0.9, weight decay 5e-4,
 batch 128. Inputs are clipped to [0, 1] before the forward as in the official TF code (§5); Wong's code clamps δ to
 the valid range of the *previous* batch only, so the two differ only on the first replay of each new batch. The
@@ -60,6 +60,8 @@ class FreeAT(Method):
             return self.lr_at(epoch, step)
         m = self.hp["replays"]
         total = self.hp["epochs"] * self.steps_per_epoch * m
+        # (t + 1): the step's lr is read at its end, GradAlign's convention; Wong's CyclicLR reads it at its start
+        # (its first step has lr 0) — one step of difference in 10·len(loader)·8
         t = (epoch * self.steps_per_epoch + step) * m + r + 1
         return self.hp["lr"] * cyclic_factor(t / total, float(sched.get("peak", 0.5)))
 

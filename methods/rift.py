@@ -32,10 +32,11 @@ Sources: ``[RiFT-code main.py: generate_adv_dataset, layer_sharpness, train, mai
 (microsoft/robustlearn ``RiFT/``), METHODS.md §13. Deviations from the official code, all deliberate:
 
 * MRC data: the official D_adv is built on the CIFAR **test** split; here on the MRC half of a held-out slice of the
-  training split (Decision 6). The PGD-AT base model (the suite's ``pgd-at``, trained on its whole training split)
-  *has* seen these images — unless it ran on fewer images per class than the RiFT run (a preset may give ``rift`` a
-  larger ``subset``, so that its held-out tail lies outside the base's data); RiFT's own stages never train on them
-  (recorded in ``method.json``).
+  training split (Decision 6), held out of the PGD-AT base model as well: ``bench run`` trains RiFT's own
+  ``pgd-at`` base with the same subset and ``holdout`` (a run of its own, not the Table-1 PGD-AT run, which trains
+  on every image), so θ_AT has never seen the images that MRC and the choice of α use — otherwise robust
+  overfitting would make robust(α = 0) a training-set number. With ``--pretrained`` the suite cannot know what that
+  model saw (recorded in ``method.json``).
 * Attack step 2/255: the official PGD uses ``alpha=2/225`` (≈ 0.00889), a typo for 2/255.
 * Checkpoint: the official code keeps the epoch with the best clean **test** accuracy; here the last epoch.
 * α: chosen by hand on the test set in the official code ("max IID increase while not dropping robustness so
@@ -72,8 +73,8 @@ SEED_DADV, SEED_MRC, SEED_VAL = 0xAD5, 0x3C, 0x7A1
 
 HELDOUT_NOTE = ("MRC and alpha selection use the held-out slice (the last holdout_per_class images of every class of "
                 "this run's training split): never the test split, and never trained on by RiFT's fine-tuning. The "
-                "PGD-AT base model trains on its whole training split, so theta_AT has seen these images, unless "
-                "the base run used fewer images per class (a smaller subset) than this run")
+                "suite-trained PGD-AT base holds out the same images (same subset, holdout = holdout_per_class), so "
+                "theta_AT has not seen them either; a --pretrained base may have")
 ALPHA_RULE = "largest alpha with robust(alpha) >= robust(0) - alpha_tolerance (percentage points), validation half"
 
 
@@ -224,6 +225,7 @@ def _fresh_stage() -> dict[str, Any]:
 class RiFT(Method):
     name = "rift"
     starts_from = "adversarial"
+    base_holdout = True  # the PGD-AT base is trained without the held-out slice
     paper = "METHODS.md §13 (Zhu et al. 2023; AFD Tables 1, 2, 5)"
     attack_bn = "eval"  # the stages' PGD (D_adv and the α validation); the fine-tuning itself has no attack
     defaults = {

@@ -87,4 +87,4 @@ class TRADES(Method):
         loss, natural, robust = trades_loss(logits_nat, logits_adv, logits_target, batch.y, self.hp["beta"])
         self.ce_step(self.optimizer, loss)
         return {"loss": loss.detach(), "loss_natural": natural.detach(), "loss_robust": robust.detach(),
-                "correct_sum": (logits_nat.argmax(1) == batch.y).sum()}
+                "correct_sum": (logits_adv.argmax(1) == batch.y).sum()}  # on x′, as every AT method logs

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from methods import rift  # registers "rift" (until methods/__init__.py imports it)
+from methods import rift
 from bench.data import Dataset, Split, make_synthetic
 from bench.engine import Trainer, sealed_test
 from bench.errors import BenchError
@@ -443,7 +443,7 @@ def test_method_json_records_the_stages(reference):
     assert all(set(p) == {"alpha", "clean", "robust", "n"} and p["n"] == 20 for p in rec["alpha_curve"])
     assert rec["alpha"] == rift.choose_alpha(rec["alpha_curve"], 0.1) and rec["alpha_tolerance"] == 0.1
     assert (rec["n_mrc"], rec["n_val"], rec["holdout_per_class"]) == (20, 20, HOLD)
-    assert "PGD-AT base model" in rec["heldout_note"] and "never the test split" in rec["heldout_note"]
+    assert "PGD-AT base holds out the same images" in rec["heldout_note"] and "never the test split" in rec["heldout_note"]
     assert rec["done"] is True
     # the final model is θ(α*) of θ_AT (the teacher) and θ_FT (the model in the checkpoint before the last)
     from bench.checkpoint import load_state
@@ -529,3 +529,25 @@ def test_a_holdout_that_leaves_nothing_to_train_on_is_a_bench_error(tmp_path, sy
     cfg = _cfg(tmp_path, weights_file, subset=4, sets=["rift.holdout_per_class=4"])
     with pytest.raises(BenchError, match=r"training split has 0 images.*\(rift.holdout_per_class; lower it"):
         _trainer(cfg, synthetic, tmp_path / "r")
+
+
+def test_the_pgd_at_base_of_rift_holds_out_the_same_images(tmp_path, synthetic):
+    p = plan(small_request(tmp_path, methods=["rift"], subset=20, sets=["rift.holdout_per_class=4"]))[0]
+    assert p.base.method == "pgd-at" and p.base.holdout == 4 and p.base.subset == p.cfg.subset == 20
+    plain = plan(small_request(tmp_path, methods=["pgd-at"], subset=20))[0].cfg
+    assert plain.holdout is None and "holdout" not in plain.identity()  # older runs keep their hashes
+    assert plain.run_hash != p.base.run_hash  # RiFT's base is a run of its own
+    base = Trainer(p.base, synthetic, RunDir(tmp_path / "b"), progress=False, echo=lambda s: None)
+    rift_t = Trainer(p.cfg, synthetic, RunDir(tmp_path / "r"), init_weights=_weights(tmp_path),
+                     progress=False, echo=lambda s: None)
+    assert len(base.train_split) == len(rift_t.train_split) == 10 * 16
+    assert torch.equal(base.train_split.x, rift_t.train_split.x)  # the base trained on exactly RiFT's images
+    assert torch.equal(base.heldout.x, rift_t.heldout.x)
+
+
+def _weights(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file(create_model("smallcnn", 10).state_dict(), path)
+    return path

@@ -83,7 +83,7 @@ def test_the_family_is_registered_with_its_sources_defaults():
     t = get_method("trades").resolved_defaults()
     assert (t["beta"], t["attack_steps"], t["attack_step"], t["init_std"]) == (6.0, 10, 0.007, 0.001)
     assert get_method("free-at").resolved_defaults()["replays"] == 8
-    assert get_method("fgsm-rs").resolved_defaults()["attack_step"] == pytest.approx(10 / 255)
+    assert get_method("fgsm-rs").resolved_defaults()["alpha_ratio"] * EPS == pytest.approx(10 / 255)
     a = get_method("atas").resolved_defaults()
     assert (a["warmup_epochs"], a["c"], a["beta_m"], a["reset_every"]) == (5, 0.01, 0.5, 10)
     assert (a["min_step"], a["max_step"]) == (4 / 255, 14 / 255)

@@ -1,0 +1,217 @@
+"""`bench report`: tables and figures from run records, beside the paper — a golden-file test over a fixed set of
+records, aggregation rules, missing cells, the empty case, and index.html in a real headless browser."""
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.errors import BenchError
+from bench.report import build, read_runs
+
+GOLDEN = Path(__file__).parent / "golden" / "report"
+CPU, GPU = "cpu (test CPU, 2 threads)", "cuda (NVIDIA H100 80GB HBM3)"
+TABLES = ["table1", "table2", "table3", "table4", "table5", "settings"]
+
+
+def _hp(method, **kw):
+    from methods import get_method
+
+    hp = get_method(method).resolved_defaults()
+    hp.update(kw)
+    return hp
+
+
+def write_run(root, method, seed, *, dataset="cifar10", arch="resnet18", hp=None, accs=None, n=100, device=CPU,
+              seconds=(10.0, 12.0), pretrained=None, heads=None, suspect=(), preset="paper", gaps=None, done=True,
+              name=None):
+    """A run record as the suite writes it (config.json, metrics.jsonl, eval.json, done), without weights."""
+    hp = hp or _hp(method)
+    hp["epochs"] = len(seconds)
+    if name is None:
+        digest = hashlib.sha256(json.dumps([method, seed, hp, dataset, arch], sort_keys=True).encode()).hexdigest()
+        name = f"{dataset}_{arch}_{method}_s{seed}_{digest[:10]}"
+    d = Path(root) / "runs" / name
+    d.mkdir(parents=True)
+    cfg = {"method": method, "dataset": dataset, "arch": arch, "seed": seed, "hp": hp, "preset": preset,
+           "subset": None, "normalize": False, "precision": "fp32", "pretrained": pretrained, "attacks": ["clean"]}
+    (d / "config.json").write_text(json.dumps({"config": cfg, "run_name": name, "device": device}))
+    gaps = gaps or [0.1 * (i + 1) for i in range(len(seconds) + 1)]
+    rows = [{"epoch": 0, "feature_gap": gaps[0]}] + [
+        {"epoch": i + 1, "seconds": s, "loss": 1.0, "feature_gap": gaps[i + 1]} for i, s in enumerate(seconds)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = {"results": {a: {"acc": v, "correct": round(v * n / 100), "n": n} for a, v in (accs or {}).items()},
+          "suspect": list(suspect)}
+    if heads:
+        ev["heads"] = {h: {a: {"acc": v, "n": n} for a, v in r.items()} for h, r in heads.items()}
+    (d / "eval.json").write_text(json.dumps(ev))
+    if done:
+        (d / "done").write_text("done\n")
+    return name
+
+
+def fixed_records(root):
+    """The golden set: two seeds of AFD (each from its own natural model), vAFT in two settings, a suspect
+    PGD-AT, a WRN run, a CIFAR-100 run, a method without a paper row, times on two devices, a partial run."""
+    nat = [write_run(root, "natural", s, accs={"clean": 90.0 + s, "pgd20": 0.0, "aa": 0.0}, seconds=(5.0, 5.0),
+                     name=f"cifar10_resnet18_natural_s{s}_000000000{s}") for s in (0, 1)]
+    for s, (c, p, a) in enumerate([(84.0, 52.0, 47.0), (85.0, 53.5, 48.0)]):
+        write_run(root, "afd", s, accs={"clean": c, "pgd20": p, "aa": a}, pretrained=nat[s], seconds=(20.0, 22.0),
+                  heads={"f1": {"clean": c, "pgd20": p}, "f2": {"clean": 40.0 + s, "pgd20": 10.0}},
+                  gaps=[0.5, 0.4, 0.3])
+    write_run(root, "vaft", 0, accs={"clean": 83.0, "pgd20": 51.0, "aa": 45.0}, pretrained=nat[0],
+              gaps=[0.5, 0.6, 0.9])
+    write_run(root, "vaft", 0, hp=_hp("vaft", lr=0.0025), accs={"clean": 86.0, "pgd20": 40.0}, pretrained=nat[0])
+    write_run(root, "vaft+d", 0, accs={"clean": 84.5, "pgd20": 51.9, "aa": 46.5}, pretrained=nat[0])
+    write_run(root, "pgd-at", 0, accs={"clean": 84.0, "pgd20": 60.0, "aa": 70.0}, suspect=["ordering"],
+              seconds=(30.0, 30.0), device=GPU)
+    write_run(root, "trades", 0, dataset="cifar100", accs={"clean": 55.0, "pgd20": 28.0, "aa": 23.0})
+    write_run(root, "fgsm-rs", 0, accs={"clean": 80.0, "pgd20": 45.0, "aa": 41.0}, seconds=(3.0, 3.0), device=GPU)
+    write_run(root, "afd", 0, arch="wrn-34-10", accs={"clean": 88.0, "pgd20": 56.0, "aa": 51.5})
+    write_run(root, "arrest", 0, accs={"clean": 50.0}, done=False)  # partial: not in any table
+
+
+def test_the_report_over_fixed_records_matches_the_golden_files(tmp_path):
+    fixed_records(tmp_path)
+    rep = build(tmp_path, echo=lambda s: None)
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.mkdir(parents=True, exist_ok=True)
+        for t in TABLES:
+            for ext in ("md", "csv"):
+                shutil.copy(tmp_path / "tables" / f"{t}.{ext}", GOLDEN / f"{t}.{ext}")
+    for t in TABLES:
+        for ext in ("md", "csv"):
+            got = (tmp_path / "tables" / f"{t}.{ext}").read_text()
+            assert got == (GOLDEN / f"{t}.{ext}").read_text(), f"{t}.{ext} differs (UPDATE_GOLDEN=1 to accept)"
+        assert (tmp_path / "tables" / f"{t}.tex").read_text().startswith("\\begin{table}")
+    assert set(rep.figures) == {"fig1a_feature_gap", "scatter_clean_pgd20", "time_vs_robustness"}
+    for f in rep.figures:
+        assert (tmp_path / "figures" / f"{f}.png").stat().st_size > 1000
+        assert (tmp_path / "figures" / f"{f}.pdf").read_bytes().startswith(b"%PDF")
+    # a second build over the same records writes the same tables (stable order)
+    again = tmp_path / "again"
+    build(tmp_path, again, echo=lambda s: None)
+    for t in TABLES:
+        assert (again / "tables" / f"{t}.md").read_text() == (tmp_path / "tables" / f"{t}.md").read_text()
+
+
+def _rows(path, **match):
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    for k, v in match.items():
+        df = df[df[k] == v]
+    return df
+
+
+def test_seeds_aggregate_other_differences_never_do(tmp_path):
+    fixed_records(tmp_path)
+    build(tmp_path, echo=lambda s: None)
+    t1 = tmp_path / "tables" / "table1.csv"
+    afd = _rows(t1, method="afd", dataset="cifar10")
+    assert len(afd) == 1 and afd.iloc[0]["seeds"] == 2
+    assert afd.iloc[0]["clean_mean"] == pytest.approx(84.5)
+    assert afd.iloc[0]["clean_std"] == pytest.approx(0.7071, abs=1e-4)
+    assert afd.iloc[0]["avg_mean"] == pytest.approx(((84 + 52 + 47) / 3 + (85 + 53.5 + 48) / 3) / 2)
+    assert afd.iloc[0]["paper_clean"] == pytest.approx(84.88)
+    vaft = _rows(t1, method="vaft", dataset="cifar10")
+    assert len(vaft) == 2 and set(vaft["setting"].str.len()) == {10}  # two settings (lr), two rows
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert "84.50 ± 0.71" in md
+
+
+def test_missing_cells_are_dashes_never_zero_and_marks_are_shown(tmp_path):
+    fixed_records(tmp_path)
+    build(tmp_path, echo=lambda s: None)
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    vaft_rows = [ln for ln in md.splitlines() if "| vaft " in ln]
+    assert any("| 40.00 " in ln and "| —" in ln for ln in vaft_rows)  # no AA: "—", no Avg
+    free = [ln for ln in md.splitlines() if "| free-at " in ln and ln.startswith("| cifar10 ")][0]
+    assert "78.37" in free and "† PGD-10" in free and "| 0.00 " not in free
+    pgd = [ln for ln in md.splitlines() if "| pgd-at " in ln and ln.startswith("| cifar10 ")][0]
+    assert "SUSPECT" in pgd and "ordering" in pgd
+    rs = [ln for ln in md.splitlines() if "| fgsm-rs " in ln][0]
+    assert "no paper row" in rs
+    arrest = [ln for ln in md.splitlines() if "| arrest " in ln and ln.startswith("| cifar10 ")][0]
+    assert "| 50.00 " not in arrest and "85.71" in arrest  # the partial run is left out; the paper row stays
+    t2 = (tmp_path / "tables" / "table2.md").read_text()
+    assert "88.00" in t2 and "88.08" in t2
+    t4 = _rows(tmp_path / "tables" / "table4.csv", dataset="cifar10", arch="resnet18")
+    assert t4.iloc[0]["delta"] == pytest.approx(84.5 - 40.5)
+
+
+def test_table5_keeps_devices_apart_and_counts_the_pretraining(tmp_path):
+    fixed_records(tmp_path)
+    build(tmp_path, echo=lambda s: None)
+    t5 = _rows(tmp_path / "tables" / "table5.csv")
+    cols = [c for c in t5.columns if c.startswith("total_seconds[")]
+    assert sorted(cols) == sorted([f"total_seconds[{CPU}]", f"total_seconds[{GPU}]"])
+    afd = t5[(t5["method"] == "afd")]
+    cpu = afd[f"total_seconds[{CPU}]"].dropna()
+    assert cpu.iloc[0] == pytest.approx(42 + 10)  # AFD's 20 + 22 s plus its natural model's 5 + 5 s
+    pgd = t5[t5["method"] == "pgd-at"].iloc[0]
+    assert pgd[f"total_seconds[{GPU}]"] == 60 and str(pgd[f"total_seconds[{CPU}]"]) == "nan"
+
+
+def test_a_report_over_no_runs_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    with pytest.raises(BenchError, match="no finished runs under .* to report on"):
+        build(tmp_path / "nothing", echo=lambda s: None)
+    import sys
+
+    from bench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bench", "report", "--results", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: no finished runs")
+
+
+def test_settings_group_seeds_of_runs_started_from_their_own_natural_models(tmp_path):
+    fixed_records(tmp_path)
+    runs = read_runs(tmp_path)
+    afd = [r for r in runs if r.method == "afd" and r.arch == "resnet18"]
+    assert len(afd) == 2 and afd[0].setting == afd[1].setting
+    nat = [r for r in runs if r.method == "natural"]
+    assert nat[0].setting == nat[1].setting
+
+
+def _chromium():
+    for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if Path(path).exists():
+            return path
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None or shutil.which("chromedriver") is None,
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_index_html_loads_in_a_headless_browser_without_console_errors(tmp_path):
+    from selenium import webdriver
+
+    fixed_records(tmp_path)
+    rep = build(tmp_path, echo=lambda s: None)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = _chromium()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=opts, service=service)
+    try:
+        driver.get((tmp_path / "index.html").as_uri())
+        logs = driver.get_log("browser")
+        assert not [m for m in logs if m["level"] in ("SEVERE", "ERROR")], logs
+        tables = driver.find_elements("css selector", "section.table")
+        assert [t.get_attribute("id") for t in tables] == TABLES
+        for t in tables:
+            assert t.find_elements("css selector", "table tbody tr")
+        imgs = driver.find_elements("css selector", "section.figure img")
+        assert len(imgs) == len(rep.figures) >= 3
+        for img in imgs:  # every figure really loaded and has a size
+            assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 100
+        assert "Table 1" in driver.title or "aft-bench report" in driver.title
+    finally:
+        driver.quit()
