@@ -184,19 +184,24 @@ def test_free_at_theta_gradient_is_taken_before_delta_moves():
     real_step = m.optimizer.step
 
     def step(*a, **k):
-        seen.append(({n: p.grad.clone() for n, p in m.model.named_parameters()}, copy.deepcopy(m.model)))
+        seen.append(({n: p.grad.clone() for n, p in m.model.named_parameters()}, copy.deepcopy(m.model),
+                     m.delta[:16].clone()))
         return real_step(*a, **k)
 
     m.optimizer.step = step
-    deltas = [m.delta[:16].clone()]
     inputs = _inputs(m.model)
     m.train_step(b, 0, 0)
-    for r, (grads, model_before) in enumerate(seen):
+    for r, (grads, model_before, delta_at_step) in enumerate(seen):
         x_in = inputs[r]
+        # by the time θ steps, δ has already moved away from the δ of this replay's forward ...
+        assert not torch.equal((b.x + delta_at_step).clamp(0, 1), x_in)
+        # ... and the next replay's forward uses the moved δ
+        if r + 1 < len(seen):
+            assert torch.equal(inputs[r + 1], (b.x + delta_at_step).clamp(0, 1))
+        # ... yet the θ-gradient is the one of this replay's forward
         loss = F.cross_entropy(model_before.train()(x_in), b.y)
         ref = torch.autograd.grad(loss, list(model_before.parameters()))
         assert all(torch.allclose(grads[n], g, atol=1e-6) for (n, _), g in zip(model_before.named_parameters(), ref))
-    assert torch.equal(inputs[0], (b.x + deltas[0]).clamp(0, 1))  # replay 0 used the δ before its own update
 
 
 def test_free_at_counts_epochs_in_passes_and_steps_the_cyclic_lr_per_replay(tmp_path, synthetic):
@@ -450,3 +455,58 @@ def test_resume_mid_run_equals_an_uninterrupted_run(tmp_path, synthetic, method)
     cfg = plan(req)[0].cfg
     a, _ = resumed_equals_straight(cfg, synthetic, tmp_path)
     assert all(math.isfinite(r["loss"]) for r in a.run.read_metrics())
+
+
+# ------------------------------------------------------------------------------------------------------ exact steps
+
+
+def test_free_at_delta_step_is_plus_eps_sign_of_the_input_gradient():
+    m = _method("free-at", replays=1)
+    b = _batch()
+    ref = copy.deepcopy(m.model).train()
+    m.train_step(b, 0, 0)
+    d0 = torch.zeros_like(b.x).requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(ref((b.x + d0).clamp(0, 1)), b.y), d0)
+    want = torch.max(torch.min((EPS * g.sign()).clamp(-EPS, EPS), 1 - b.x), -b.x)
+    assert torch.allclose(m.delta[:16], want, atol=1e-7)
+    assert not torch.allclose(m.delta[:16], -want, atol=1e-7)
+
+
+def test_atas_warm_up_step_is_eps_along_the_eval_mode_gradient():
+    m = _method("atas", n=16)
+    b = _batch(n=16)
+    ref = copy.deepcopy(m.model).eval()
+    inputs = _inputs(m.model)
+    delta0 = m.delta.clone()
+    torch.manual_seed(11)
+    m.train_step(b, 0, 0)  # epoch 0: warm-up, η = ε
+    torch.manual_seed(11)
+    oy, ox, flip = m.transform(16, b.x.device)
+    x_aug = crop_flip(F.pad(b.x, (4, 4, 4, 4)), oy, ox, flip, 32, 32)
+    x_init = (x_aug + crop_flip(delta0[b.idx], oy, ox, flip, 32, 32)).clamp(0, 1).requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(ref(x_init), b.y), x_init)
+    want = torch.min(torch.max(x_init.detach() + EPS * g.sign(), x_aug - EPS), x_aug + EPS).clamp(0, 1)
+    assert torch.allclose(inputs[1], want, atol=1e-6)
+
+
+def test_fgsm_ga_weight_gradient_is_ce_plus_lambda_times_the_regulariser():
+    m = _method("fgsm-ga")
+    b = _batch()
+    ref = copy.deepcopy(m.model).train()
+    grads = {}
+    m.optimizer.step = lambda *a, **k: grads.update({n: p.grad.clone() for n, p in m.model.named_parameters()})
+    torch.manual_seed(4)
+    m.train_step(b, 0, 0)
+    torch.manual_seed(4)
+    x0 = b.x.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(F.cross_entropy(ref(x0), b.y), x0)
+    x_adv = (b.x + EPS * g1.sign()).clamp(0, 1)
+    ce = F.cross_entropy(ref(x_adv), b.y)
+    eta = ((torch.rand(b.x.shape) * 2 - 1) * EPS).requires_grad_(True)
+    (g2,) = torch.autograd.grad(F.cross_entropy(ref(b.x + eta), b.y), eta, create_graph=True)
+    params = list(ref.parameters())
+    full = torch.autograd.grad(ce + 0.2 * gradalign_reg(g1, g2), params, retain_graph=True)
+    ce_only = torch.autograd.grad(ce, params)
+    names = [n for n, _ in ref.named_parameters()]
+    assert all(torch.allclose(grads[n], g, atol=1e-5) for n, g in zip(names, full))
+    assert any(not torch.allclose(grads[n], g, atol=1e-5) for n, g in zip(names, ce_only))
