@@ -389,6 +389,28 @@ def evaluate_heads(trainer: "Trainer", echo: Callable[[str], None] = print, prog
             f"{a} {r['acc']:.2f}%" for a, r in res["results"].items() if a != "worst"))
 
 
+def record_tsne(trainer: "Trainer", echo: Callable[[str], None] = print, n: int | None = None) -> None:
+    """``tsne.json``: t-SNE of the method's feature maps (AFD: g and f₁) on PGD-20 examples of the first ``n`` test
+    images (default: min(eval_n, 1000)) — the data of the paper's Fig. 3. Skipped when the method has none or the
+    file exists."""
+    from .evaluate import tsne_embedding
+    from .fsutil import atomic_write_json
+
+    module = trainer.evaluated_module()
+    feats = trainer.method.tsne_features(module)
+    path = trainer.run.path / "tsne.json"
+    if not feats or path.exists():
+        return
+    cfg = trainer.cfg
+    n = n or min(cfg.eval_n or 1000, 1000)
+    split = trainer.dataset.test.head(n)
+    x = split.x.to(trainer.device).float().div_(255)
+    y = split.y.to(trainer.device)
+    data = tsne_embedding(module, x, y, feats, eps=cfg.hp["eps"], seed=cfg.seed, batch_size=cfg.eval_batch_size)
+    atomic_write_json(path, {"method": cfg.method, "run": cfg.run_name, **data})
+    echo(f"[{cfg.method} s{cfg.seed}] t-SNE of {', '.join(feats)} on {len(y)} PGD-20 test examples → tsne.json")
+
+
 def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module | None = None,
                  progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Evaluate the run's final model with the attacks it lacks; merges into ``eval.json`` after each group of

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -227,6 +227,35 @@ def feature_gaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         with torch.no_grad():
             for name, (nat, adv) in pairs.items():
                 out[name] = float((nat(x) - adv(x_adv)).abs().amax(dim=1).mean())
+    return out
+
+
+def tsne_embedding(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   features: dict[str, Callable[[torch.Tensor], torch.Tensor]], *, eps: float = EPS, seed: int = 0,
+                   batch_size: int = 256, perplexity: float = 30.0) -> dict[str, Any]:
+    """AFD Fig. 3: t-SNE (scikit-learn, PCA init, seeded) of the features of PGD-20 (§15.1) examples of ``model``
+    (eval mode) for each named feature map, e.g. ``g`` (before disentanglement) and ``f1`` (after). Returns JSON-able
+    {name: [[u, v], ...], "labels": [...], "n", "perplexity", "seed"}."""
+    from sklearn.manifold import TSNE
+
+    feats: dict[str, list[torch.Tensor]] = {k: [] for k in features}
+    gen = torch.Generator(device=x.device).manual_seed(hash_seed(seed, 0x75E))
+    with torch.autocast(x.device.type, enabled=False), bn_mode(model, "eval"):
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            x_adv = pgd(model, xb, yb, eps=eps, step=ATTACKS["pgd20"].step, steps=ATTACKS["pgd20"].steps, bn="eval",
+                        generator=gen)
+            with torch.no_grad():
+                for k, f in features.items():
+                    feats[k].append(f(x_adv).float().flatten(1).cpu())
+    n = len(y)
+    perp = float(min(perplexity, max(2.0, (n - 1) / 3)))
+    out: dict[str, Any] = {"labels": y.cpu().tolist(), "n": n, "perplexity": perp, "seed": seed,
+                           "attack": "pgd20 (METHODS §15.1)"}
+    for k, chunks in feats.items():
+        emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed % (2**31)).fit_transform(
+            torch.cat(chunks).numpy().astype(np.float64))
+        out[k] = [[round(float(u), 4), round(float(v), 4)] for u, v in emb]
     return out
 
 

@@ -192,7 +192,7 @@ class Runner:
     def execute(self, cfg: RunConfig, base: RunConfig | None = None) -> RunDir:
         """Train (or resume) and evaluate one run, after its starting model ``base``; a finished run only gets
         the evaluations it lacks."""
-        from .engine import Trainer, evaluate_heads, evaluate_run, resolve_device
+        from .engine import Trainer, evaluate_heads, evaluate_run, record_tsne, resolve_device
         from .evaluate import device_name
 
         if base is not None:
@@ -228,6 +228,7 @@ class Runner:
             self.echo(f"[{cfg.method} s{cfg.seed}] evaluating: {', '.join(cfg.attacks)}")
             evaluate_run(cfg, dataset, run, model, progress=self.progress, echo=self.echo)
             evaluate_heads(trainer, echo=self.echo, progress=self.progress)
+            record_tsne(trainer, echo=self.echo)
             run.mark_done()
         return run
 

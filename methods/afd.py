@@ -215,6 +215,10 @@ class AFD(Method):
         model's features of the natural image; x′ attacks ω·D₁·g."""
         return module, self.teacher.features, module.f1
 
+    def tsne_features(self, module):
+        """AFD Fig. 3: the backbone features g (before disentanglement) and f₁ = D₁·g (after) of the evaluated model."""
+        return {"g": module.features, "f1": module.f1}
+
     def eval_heads(self, module):
         """Table 4: f₁ = ω·D₁·g and f₂ = ω·D₂·g of the evaluated (EMA) model. f₁ is the exported model's function;
         evaluating it unfolded also checks the fold (the numbers must agree)."""

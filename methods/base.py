@@ -193,6 +193,10 @@ class Method:
         for the baselines)."""
         return module, module.features, module.features
 
+    def tsne_features(self, module: nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Feature maps whose t-SNE of PGD-20 examples is recorded in ``tsne.json`` (AFD Fig. 3); default none."""
+        return {}
+
     def eval_heads(self, module: nn.Module) -> dict[str, nn.Module]:
         """Extra heads evaluated (clean, PGD-20) on the final model besides the exported classifier; default none."""
         return {}

@@ -215,3 +215,36 @@ def test_index_html_loads_in_a_headless_browser_without_console_errors(tmp_path)
         assert "Table 1" in driver.title or "aft-bench report" in driver.title
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_an_afd_run_records_the_tsne_of_g_and_f1_and_the_report_draws_fig3(tmp_path):
+    from helpers import run_request, small_request
+
+    runs = run_request(small_request(tmp_path, methods=["afd"], epochs=1, subset=5, eval_n=40, batch_size=25,
+                                     sets=["afd.attack_steps=1", "natural.epochs=1"]))
+    afd = runs[-1]
+    data = json.loads((afd.path / "tsne.json").read_text())
+    assert data["method"] == "afd" and data["n"] == 40 and len(data["labels"]) == 40
+    assert len(data["g"]) == len(data["f1"]) == 40 and all(len(p) == 2 for p in data["g"])
+    nat = [p for p in (tmp_path / "results" / "runs").iterdir() if "_natural_" in p.name][0]
+    assert (nat / "done").exists() and not (nat / "tsne.json").exists()  # only methods with disentangled features record one
+    rep = build(tmp_path / "results", echo=lambda s: None)
+    assert "fig3_tsne" in rep.figures and (tmp_path / "results" / "figures" / "fig3_tsne.png").stat().st_size > 1000
+
+
+def test_tsne_embedding_is_deterministic_and_uses_the_adversarial_examples():
+    import torch
+
+    from bench.evaluate import tsne_embedding
+    from bench.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("smallcnn", 10).eval()
+    x, y = torch.rand(24, 3, 32, 32), torch.arange(24) % 10
+    feats = {"g": model.features}
+    a = tsne_embedding(model, x, y, feats, seed=3)
+    b = tsne_embedding(model, x, y, feats, seed=3)
+    assert a == b and a["n"] == 24 and a["perplexity"] < 24
+    clean = tsne_embedding(model, x, y, feats, eps=0.0, seed=3)  # ε = 0: the features of the clean images
+    assert clean["g"] != a["g"]
