@@ -129,7 +129,7 @@ def run_cmd(methods, dataset, arch, seeds, preset, data_dir, download, subset, e
     runner = Runner(progress=not quiet, echo=lambda s: click.echo(s, err=True))
     done = []
     for p in planned:
-        runner.execute(p.cfg, p.base)
+        runner.execute(p.cfg, p.base, p.grid)
         done.append(RunDir.for_config(p.cfg))
     click.echo(format_table(summary_rows(done)))
 

@@ -111,8 +111,34 @@ def parse_seeds(text: str | Iterable[int]) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+MAX_GRID = 512  # runs one grid may expand into (× seeds × methods); more is almost certainly a typo
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The values of one grid axis, from ``--set key=a,b,c`` (a bare comma list; ``[a, b]`` stays one list)."""
+
+    values: tuple[Any, ...]
+
+
+def _split_grid(item: str, text: str) -> list[str] | None:
+    """The parts of a bare comma list (no brackets, braces or quotes at the top level); None if ``text`` is not
+    one."""
+    if "," not in text or text[:1] in "[{\"'":
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if any(not p for p in parts):
+        raise BenchError(f"malformed grid in --set {item!r}: an empty value; accepted: comma-separated values "
+                         "such as afd.gamma=5,25,50")
+    if len(set(parts)) != len(parts):
+        dup = next(p for p in parts if parts.count(p) > 1)
+        raise BenchError(f"malformed grid in --set {item!r}: {dup!r} appears twice; accepted: distinct values")
+    return parts
+
+
 def parse_sets(items: Iterable[str]) -> list[tuple[str | None, str, Any]]:
-    """``--set [method.]key=value`` → (method or None, key, value)."""
+    """``--set [method.]key=value`` → (method or None, key, value); ``key=a,b,c`` → a :class:`Grid` value (the
+    request expands into one run per grid point, see :func:`expand_grid`)."""
     out = []
     for item in items:
         if "=" not in item:
@@ -124,8 +150,32 @@ def parse_sets(items: Iterable[str]) -> list[tuple[str | None, str, Any]]:
             method, key = key.rsplit(".", 1)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or (method is not None and not method):
             raise BenchError(f"malformed --set {item!r}; accepted: key=value or method.key=value")
-        out.append((method, key, parse_value(value.strip())))
+        parts = _split_grid(item, value.strip())
+        out.append((method, key, Grid(tuple(parse_value(p) for p in parts)) if parts else parse_value(value.strip())))
     return out
+
+
+def expand_grid(sets: list[tuple[str | None, str, Any]]) -> list[tuple[list[tuple[str | None, str, Any]],
+                                                                        dict[str, Any]]]:
+    """Every point of the grid the ``--set`` values span: [(plain sets, {"[method.]key": value, ...}), ...], in
+    the order the axes were given (the last axis varies fastest). No grid: one point with an empty dict."""
+    import itertools
+
+    axes = [(i, s) for i, s in enumerate(sets) if isinstance(s[2], Grid)]
+    if not axes:
+        return [(list(sets), {})]
+    size = math.prod(len(s[2].values) for _, s in axes)
+    if size > MAX_GRID:
+        raise BenchError(f"the grid of --set values has {size} points; accepted: at most {MAX_GRID}")
+    points = []
+    for combo in itertools.product(*(s[2].values for _, s in axes)):
+        plain = list(sets)
+        point = {}
+        for (i, (m, k, _)), v in zip(axes, combo):
+            plain[i] = (m, k, v)
+            point[f"{m}.{k}" if m else k] = v
+        points.append((plain, point))
+    return points
 
 
 # ---------------------------------------------------------------------------------------------------------------

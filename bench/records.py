@@ -78,7 +78,8 @@ class RunDir:
     config = property(lambda self: self.path / "config.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     eval = property(lambda self: self.path / "eval.json")
-    method_record = property(lambda self: self.path / "method.json")  # what a method's stages found (RiFT)
+    method_record = property(lambda self: self.path / "method.json")
+    grids = property(lambda self: self.path / "grids.json")  # the --set grids this run is a point of  # what a method's stages found (RiFT)
     done = property(lambda self: self.path / "done")
     ckpt_dir = property(lambda self: self.path / "ckpt")
     final_weights = property(lambda self: self.path / "ckpt" / "model.safetensors")
@@ -108,6 +109,16 @@ class RunDir:
 
     def read_eval(self) -> dict[str, Any] | None:
         return read_json(self.eval) if self.eval.is_file() else None
+
+    def add_grid(self, grid: dict[str, Any]) -> None:
+        """Record that this run is a point of ``grid`` ({"id", "axes", "point"}) in ``grids.json``."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        grids = self.read_grids()
+        if all(g.get("id") != grid.get("id") for g in grids):
+            atomic_write_json(self.grids, grids + [grid])
+
+    def read_grids(self) -> list[dict[str, Any]]:
+        return list(read_json(self.grids)) if self.grids.is_file() else []
 
     def read_method_record(self) -> dict[str, Any] | None:
         return read_json(self.method_record) if self.method_record.is_file() else None

@@ -6,12 +6,13 @@ A finished run (``done`` marker) is not trained again; an unfinished one resumes
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import (PRECISIONS, RunConfig, check_sets, load_preset, method_run_setting, parse_seeds,
-                     parse_sets, resolve_hp)
+from .config import (PRECISIONS, Grid, RunConfig, check_sets, expand_grid, load_preset, method_run_setting,
+                     parse_seeds, parse_sets, resolve_hp)
 from .data import DATASETS, Dataset, load_dataset
 from .errors import BenchError, choice_error
 from .evaluate import parse_attacks
@@ -96,6 +97,7 @@ class Planned:
 
     cfg: RunConfig
     base: RunConfig | None = None
+    grid: dict[str, Any] | None = None  # {"id", "axes", "point"} when the request spans a grid of --set values
 
 
 def plan(req: RunRequest) -> list[Planned]:
@@ -127,8 +129,12 @@ def plan(req: RunRequest) -> list[Planned]:
             raise BenchError(f"--{k.replace('_', '-')} {v!r}; accepted: a positive integer")
     if ints["aa_n"] is None:
         ints["aa_n"] = ints["eval_n"]
-    sets = parse_sets(req.sets)
-    check_sets(sets, methods)
+    all_sets = parse_sets(req.sets)
+    check_sets(all_sets, methods)
+    points = expand_grid(all_sets)
+    axes = {(f"{m}.{k}" if m else k): list(v.values) for m, k, v in all_sets if isinstance(v, Grid)}
+    grid_id = hashlib.sha256(json.dumps({"axes": axes, "methods": methods, "preset": preset["name"]},
+                                        sort_keys=True, default=str).encode()).hexdigest()[:10] if axes else None
     overrides = {"epochs": req.epochs, "batch_size": req.batch_size, "lr": req.lr}
     pretrained_id, pretrained_path = None, None
     if req.pretrained is not None:
@@ -154,27 +160,32 @@ def plan(req: RunRequest) -> list[Planned]:
             raise BenchError(f"preset {preset['name']}: {method}.subset = {subset!r}; accepted: a positive integer")
         return {**common, "subset": subset}
 
+    def _plan_one(m: str, seed: int, sets: list, grid: dict | None) -> Planned:
+        hp = resolve_hp(m, preset, overrides, sets)
+        cfg = RunConfig(method=m, seed=seed, hp=hp, **settings(m))
+        base_cfg = None
+        starts = METHODS.get(m).starts_from
+        if starts != "scratch":
+            if pretrained_id is not None:
+                cfg.pretrained, cfg.pretrained_path = pretrained_id, str(pretrained_path)
+            else:
+                base = STARTING_METHOD[starts]
+                base_settings = settings(base)
+                held = hp.get("holdout_per_class") if METHODS.get(m).base_holdout else None
+                if held:  # the base trains on the same images minus the same held-out slice (RiFT)
+                    base_settings.update(subset=cfg.subset, holdout=int(held))
+                base_cfg = RunConfig(method=base, seed=seed, hp=resolve_hp(base, preset, {}, sets,
+                                                                             qualified_only=True), **base_settings)
+                cfg.pretrained = base_cfg.run_name
+                cfg.pretrained_path = str(RunDir.for_config(base_cfg).final_weights)
+        return Planned(cfg, base_cfg, grid)
+
     configs = []
-    for seed in seeds:
-        for m in methods:
-            hp = resolve_hp(m, preset, overrides, sets)
-            cfg = RunConfig(method=m, seed=seed, hp=hp, **settings(m))
-            base_cfg = None
-            starts = METHODS.get(m).starts_from
-            if starts != "scratch":
-                if pretrained_id is not None:
-                    cfg.pretrained, cfg.pretrained_path = pretrained_id, str(pretrained_path)
-                else:
-                    base = STARTING_METHOD[starts]
-                    base_settings = settings(base)
-                    held = hp.get("holdout_per_class") if METHODS.get(m).base_holdout else None
-                    if held:  # the base trains on the same images minus the same held-out slice (RiFT)
-                        base_settings.update(subset=cfg.subset, holdout=int(held))
-                    base_cfg = RunConfig(method=base, seed=seed, hp=resolve_hp(base, preset, {}, sets,
-                                                                                 qualified_only=True), **base_settings)
-                    cfg.pretrained = base_cfg.run_name
-                    cfg.pretrained_path = str(RunDir.for_config(base_cfg).final_weights)
-            configs.append(Planned(cfg, base_cfg))
+    for sets, point in points:
+        grid = {"id": grid_id, "axes": axes, "point": point} if point else None
+        for seed in seeds:
+            for m in methods:
+                configs.append(_plan_one(m, seed, sets, grid))
     return configs
 
 
@@ -189,9 +200,10 @@ class Runner:
             self._data[key] = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
         return self._data[key]
 
-    def execute(self, cfg: RunConfig, base: RunConfig | None = None) -> RunDir:
+    def execute(self, cfg: RunConfig, base: RunConfig | None = None, grid: dict[str, Any] | None = None) -> RunDir:
         """Train (or resume) and evaluate one run, after its starting model ``base``; a finished run only gets
-        the evaluations it lacks."""
+        the evaluations it lacks. ``grid``: the grid of ``--set`` values the run is a point of (recorded in its
+        ``grids.json``; a run may belong to several grids)."""
         from .engine import Trainer, evaluate_heads, evaluate_run, record_tsne, resolve_device
         from .evaluate import device_name
 
@@ -207,6 +219,8 @@ class Runner:
                                  "or delete that run directory to train it again")
         run = RunDir.for_config(cfg)
         device = resolve_device(cfg.device)
+        if grid:
+            run.add_grid(grid)
         if run.is_done():
             ev = run.read_eval() or {"results": {}}
             if all(a in ev["results"] for a in cfg.attacks):

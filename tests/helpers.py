@@ -14,7 +14,7 @@ def run_request(req, echo=lambda s: None):
     runner = Runner(progress=False, echo=echo)
     runs = []
     for p in plan(req):
-        runner.execute(p.cfg, p.base)
+        runner.execute(p.cfg, p.base, p.grid)
         runs.append(RunDir.for_config(p.cfg))
     return runs
 
