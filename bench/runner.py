@@ -223,7 +223,7 @@ class Runner:
             run.add_grid(grid)
         if run.is_done():
             ev = run.read_eval() or {"results": {}}
-            if all(a in ev["results"] for a in cfg.attacks):
+            if all(a in ev["results"] for a in cfg.attacks) and not self._tsne_missing(cfg, run):
                 self.echo(f"[{cfg.method} s{cfg.seed}] already done: {run.path}")
                 return run
         dataset = self.dataset(cfg)
@@ -233,6 +233,7 @@ class Runner:
                 run.write_config(cfg, device_name(device))
             if run.is_done():
                 evaluate_run(cfg, dataset, run, progress=self.progress, echo=self.echo)
+                self._backfill_tsne(cfg, dataset, run)
                 return run
             trainer = Trainer(cfg, dataset, run, init_weights=cfg.pretrained_path, progress=self.progress,
                               echo=self.echo)
@@ -245,6 +246,26 @@ class Runner:
             record_tsne(trainer, echo=self.echo)
             run.mark_done()
         return run
+
+
+    @staticmethod
+    def _tsne_missing(cfg: RunConfig, run: RunDir) -> bool:
+        """A finished run of a method with t-SNE features whose ``tsne.json`` is missing but whose last checkpoint
+        is here (runs recorded before the suite made t-SNEs)."""
+        from methods import Method, get_method
+
+        cls = get_method(cfg.method)
+        return (cls.tsne_features is not Method.tsne_features and not (run.path / "tsne.json").exists()
+                and (run.ckpt_dir / "last.safetensors").is_file())
+
+    def _backfill_tsne(self, cfg: RunConfig, dataset: Dataset, run: RunDir) -> None:
+        from .engine import Trainer, record_tsne
+
+        if not self._tsne_missing(cfg, run):
+            return
+        trainer = Trainer(cfg, dataset, run, init_weights=cfg.pretrained_path, progress=False, echo=self.echo)
+        trainer.resume()
+        record_tsne(trainer, echo=self.echo)
 
 
 def summary_rows(runs: list[RunDir]) -> list[dict[str, Any]]:

@@ -229,6 +229,12 @@ def test_an_afd_run_records_the_tsne_of_g_and_f1_and_the_report_draws_fig3(tmp_p
     assert len(data["g"]) == len(data["f1"]) == 40 and all(len(p) == 2 for p in data["g"])
     nat = [p for p in (tmp_path / "results" / "runs").iterdir() if "_natural_" in p.name][0]
     assert (nat / "done").exists() and not (nat / "tsne.json").exists()  # only methods with disentangled features record one
+    # a finished run recorded before t-SNEs existed gets one from its last checkpoint when it is run again
+    first = (afd.path / "tsne.json").read_text()
+    (afd.path / "tsne.json").unlink()
+    run_request(small_request(tmp_path, methods=["afd"], epochs=1, subset=5, eval_n=40, batch_size=25,
+                              sets=["afd.attack_steps=1", "natural.epochs=1"]))
+    assert (afd.path / "tsne.json").read_text() == first
     rep = build(tmp_path / "results", echo=lambda s: None)
     assert "fig3_tsne" in rep.figures and (tmp_path / "results" / "figures" / "fig3_tsne.png").stat().st_size > 1000
 
