@@ -252,6 +252,9 @@ def resolve_hp(method: str, preset: dict[str, Any], overrides: dict[str, Any],
         hp[k] = v
     if isinstance(hp.get("schedule"), str):
         hp["schedule"] = {"name": hp["schedule"]}
+    for k, d in defaults.items():  # `--set afd.gamma=25` is the default 25.0, one run, not a second one
+        if isinstance(d, float) and isinstance(hp[k], int) and not isinstance(hp[k], bool):
+            hp[k] = float(hp[k])
     validate_hp(method, hp, defaults)
     get_method(method).check_hp(hp)  # the method's own constraints, before anything is trained
     return hp

@@ -368,7 +368,8 @@ def table4(groups: dict[str, Group]) -> tuple[Any, Any]:
             rows.append({"dataset": ds, "arch": arch, "setting": g.first.label if g else DASH, "seeds": k,
                          "f1 clean": fmt(f1, f1s, k), "f2 clean": fmt(f2, f2s, k), "Δ": fmt(d),
                          "paper f1": fmt(p1), "paper f2": fmt(p2), "paper Δ": fmt(pd_),
-                         "f1 PGD-20": fmt(r1), "f2 PGD-20": fmt(r2)})
+                         "f1 PGD-20": fmt(r1), "f2 PGD-20": fmt(r2),
+                         "notes": "SUSPECT: " + "; ".join(g.suspect) if g and g.suspect else ""})
             nums.append({"dataset": ds, "arch": arch, "setting": g.first.setting if g else None, "f1": f1, "f2": f2,
                          "delta": d, "paper_f1": p1, "paper_f2": p2, "paper_delta": pd_, "f1_pgd20": r1,
                          "f2_pgd20": r2})

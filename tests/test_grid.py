@@ -85,3 +85,12 @@ def test_the_report_draws_fig4_from_the_part_of_an_afd_grid_that_exists(tmp_path
     rep = build(tmp_path, echo=lambda s: None)
     assert "fig4_afd_hparams" in rep.figures
     assert (tmp_path / "figures" / "fig4_afd_hparams.png").stat().st_size > 1000
+
+
+def test_an_integer_for_a_float_hyper_parameter_is_the_same_run(tmp_path):
+    default = plan(small_request(tmp_path, methods=["afd"]))[0].cfg
+    given = plan(small_request(tmp_path, methods=["afd"], sets=["afd.gamma=25"]))[0].cfg
+    assert given.hp["gamma"] == 25.0 and isinstance(given.hp["gamma"], float)
+    assert given.run_hash == default.run_hash
+    grid = plan(small_request(tmp_path, methods=["afd"], sets=["afd.gamma=5,25"]))
+    assert grid[1].cfg.run_hash == default.run_hash
