@@ -129,6 +129,10 @@ def test_run_then_status_eval_and_list(capsys, monkeypatch, tmp_path):
     assert clean_dir in out2 and json.loads((tmp_path / "e.json").read_text())["results"]["clean"]["n"] == 10
     code, out, _ = bench(capsys, monkeypatch, "list")
     assert code == 0 and "pgd-at" in out and "starts from" in out and "tinyimagenet" in out and "smoke" in out
+    listed = {line.split()[0]: line for line in out.splitlines() if "starts from" in line}
+    for m in ("trades", "free-at", "fgsm-rs", "fgsm-ga", "atas"):
+        assert "starts from scratch" in listed[m], m
+    assert "starts from adversarial" in listed["rift"] and "§13" in listed["rift"]
     # a failed sanity check marks the run in every table that shows it
     from bench.records import RunDir
     from bench.runner import format_table, summary_rows
