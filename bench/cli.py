@@ -39,6 +39,7 @@ def cli() -> None:
     bench status                                  # runs under results/ and how far each got
     bench list                                    # methods, datasets, architectures, presets
     bench report                                  # the paper's tables and figures from results/
+    bench perf                                    # engine vs a papers'-style loop: img/s, s/epoch, memory
     """
 
 
@@ -298,6 +299,36 @@ def report_cmd(results_dir, out_dir) -> None:
     if out_dir is not None:
         _check_results_dir(out_dir)
     build(results_dir, out_dir, echo=click.echo)
+
+
+@cli.command("perf")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--methods", "-m", default=",".join(("natural", "pgd-at", "trades", "afd")), show_default=True)
+@click.option("--arch", "-a", help="Architecture (default: resnet18 on a GPU, smallcnn on a CPU).")
+@click.option("--batch-size", type=int, callback=_positive_int, help="Default: 128 on a GPU, 64 on a CPU.")
+@click.option("--steps", type=int, callback=_positive_int, help="Timed steps per repeat (default 20 GPU / 4 CPU).")
+@click.option("--repeats", type=int, default=3, show_default=True, callback=_positive_int)
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first.")
+@click.option("--attack-steps", type=int, callback=_positive_int, help="Override the methods' PGD steps.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the engine (default: GPU).")
+@click.option("--workers", type=int, help="DataLoader workers of the reference loop (default 4 GPU / 0 CPU).")
+@click.option("--eval-n", type=int, callback=_positive_int, help="Images for the PGD-20 throughput.")
+@click.option("--aa-n", type=int, help="Images for the AutoAttack pass (0: skip).")
+@click.option("--science/--no-science", default=False, show_default=True,
+              help="Also train PGD-AT in fp32 and bf16 and compare their accuracies.")
+@click.option("--out", "out_dir", default="results/perf", show_default=True)
+def perf_cmd(device, methods, arch, batch_size, steps, repeats, warmup, attack_steps, compile_, workers, eval_n,
+             aa_n, science, out_dir) -> None:
+    """The engine against a papers'-style reference loop, side by side in one process: images/s, seconds per
+    CIFAR-10 epoch, peak memory, engine/reference ratios; PGD-20 and AutoAttack throughput. Writes
+    OUT/<device>-<date>.json and .md."""
+    from .perf import run_perf
+
+    if warmup < 0 or (workers is not None and workers < 0) or (aa_n is not None and aa_n < 0):
+        raise BenchError(f"bench perf: warmup {warmup}, workers {workers}, aa-n {aa_n}; accepted: integers ≥ 0")
+    run_perf(device=device, arch=arch, methods=tuple(_csv(methods) or ()), batch=batch_size, steps=steps,
+             repeats=repeats, warmup=warmup, attack_steps=attack_steps, compile_=compile_, workers=workers,
+             eval_n=eval_n, aa_n=aa_n, science=science, out_dir=out_dir, echo=click.echo)
 
 
 def main() -> None:

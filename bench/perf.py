@@ -1,0 +1,420 @@
+"""``bench perf``: the suite's training engine against a reference loop written the way the papers' code is, on the
+same model, data and device, in one process — images/s, seconds per CIFAR-10-sized epoch (50 000 images), peak
+memory — for natural, PGD-AT, TRADES and AFD training steps, and for evaluation under PGD-20 and AutoAttack.
+
+* **engine**: the whole split as one uint8 tensor on the device, crop/flip on the device for a whole batch
+  (:class:`~bench.loader.DeviceLoader`), bf16 autocast for training on CUDA, channels_last on CUDA, ``torch.compile``
+  (``--compile``, default on CUDA), the method's own ``train_step`` with no host sync inside the step.
+* **reference**: ``torch.utils.data.DataLoader`` over PIL images with per-image ``RandomCrop(32, padding=4)``,
+  ``RandomHorizontalFlip`` and ``ToTensor`` (as in the TRADES / AFD / Wong scripts), fp32, eager, contiguous memory,
+  the same ``train_step`` and a ``loss.item()`` after every step (the papers' logging).
+
+Each measurement: ``warmup`` steps excluded, then ``repeats`` timings of ``steps`` steps each (synchronised on CUDA);
+the median and the min/max spread are reported, and the ratio engine / reference of the medians. Peak memory: CUDA
+``max_memory_allocated`` on a GPU; on a CPU the process's peak RSS (one number for the whole process, as a CPU gives
+no per-phase peak). On CUDA the achieved FLOP/s of the PGD-AT step is reported as a fraction of the device's peak
+(bf16 dense tensor-core peak from a small table of known GPUs; the FLOPs counted with ``torch.utils.flop_counter``
+for one training step: the attack's forward and backward passes and the update's).
+
+``--science`` also trains a short PGD-AT run in fp32 and in bf16 (same seed, data, schedule) and records their clean
+and PGD-20 accuracies side by side: speed must not change the numbers.
+
+Results: ``results/perf/<device>-<date>.json`` and ``.md``. Timings belong to the device named in them; ratios are
+only ever taken between two measurements of one run.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import BenchError
+
+PERF_METHODS = ("natural", "pgd-at", "trades", "afd")
+CIFAR_EPOCH = 50_000
+# dense bf16 tensor-core peaks (FLOP/s) of GPUs we know, for the achieved fraction; others report FLOP/s only
+PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12,
+             "L40S": 362e12, "RTX 4090": 165e12}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def _reset_mem(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def time_steps(step: Callable[[], Any], *, warmup: int, steps: int, repeats: int, device: torch.device,
+               batch: int) -> dict[str, Any]:
+    """Median / min / max seconds per step over ``repeats`` runs of ``steps`` steps, after ``warmup`` steps."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    per_step = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        per_step.append((time.perf_counter() - t0) / steps)
+    med = statistics.median(per_step)
+    return {"sec_per_step": med, "sec_per_step_min": min(per_step), "sec_per_step_max": max(per_step),
+            "images_per_s": batch / med, "sec_per_cifar10_epoch": CIFAR_EPOCH / (batch / med), "repeats": repeats,
+            "steps": steps, "warmup": warmup}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the two pipelines
+
+
+def _method(name: str, arch: str, num_classes: int, device: torch.device, *, batch: int, attack_steps: int | None,
+            channels_last: bool, seed: int):
+    """A fresh model and method (AFD from a natural-like start: the same random model as its own teacher)."""
+    from methods import get_method
+
+    from .models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cls = get_method(name)
+    hp = cls.resolved_defaults()
+    hp["batch_size"] = batch
+    if attack_steps is not None and "attack_steps" in hp:
+        hp["attack_steps"] = attack_steps
+    teacher = None
+    if cls.starts_from != "scratch":
+        import copy
+
+        teacher = copy.deepcopy(model)
+    return cls(hp, model, teacher, steps_per_epoch=100)
+
+
+def engine_step_fn(method, split, device: torch.device, *, batch: int, bf16: bool, channels_last: bool,
+                   compile_: bool, seed: int) -> Callable[[], None]:
+    from .loader import DeviceLoader
+
+    loader = DeviceLoader(split, batch, device, seed=seed, drop_last=True)
+    if compile_:
+        method.net = torch.compile(method.model)
+    state = {"it": iter(()), "epoch": 0}
+
+    def step():
+        try:
+            b = next(state["it"])
+        except StopIteration:
+            state["it"] = loader.epoch(state["epoch"])
+            state["epoch"] += 1
+            b = next(state["it"])
+        if channels_last:
+            b.x = b.x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            method.train_step(b, 0, 1)
+
+    return step
+
+
+class _PILSet(torch.utils.data.Dataset):
+    """The papers' pipeline: one PIL image per item, per-image torchvision transforms."""
+
+    def __init__(self, split):
+        from PIL import Image
+        from torchvision import transforms
+
+        self.images = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in split.x]
+        self.y = split.y.tolist()
+        self.tf = transforms.Compose([transforms.RandomCrop(split.x.shape[-1], padding=4),
+                                      transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.tf(self.images[i]), self.y[i]
+
+
+def reference_step_fn(method, split, device: torch.device, *, batch: int, workers: int) -> Callable[[], None]:
+    from .loader import Batch
+
+    loader = torch.utils.data.DataLoader(_PILSet(split), batch_size=batch, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    state = {"it": iter(())}
+
+    def step():
+        try:
+            x, y = next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            x, y = next(state["it"])
+        x, y = x.to(device), y.to(device)
+        out = method.train_step(Batch(x, y, torch.arange(len(y), device=device)), 0, 1)
+        out["loss"].item()  # the papers log the loss every step: one host sync
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def step_flops(model: nn.Module, split, device: torch.device, batch: int, attack_steps: int) -> float | None:
+    """FLOPs of one PGD-AT training step: ``attack_steps`` × (forward + backward to the input only) + (forward +
+    full backward), each pass counted by ``torch.utils.flop_counter`` on one batch (it cannot count inside
+    ``autograd.grad``, so the passes are counted with ``.backward()`` and composed); the SGD update is negligible."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # pragma: no cover
+        return None
+    import torch.nn.functional as F
+
+    x = split.x[:batch].to(device).float().div_(255)
+    y = split.y[:batch].to(device)
+
+    def count(params_grad: bool) -> float:
+        flags = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(params_grad)
+        xi = x.clone().requires_grad_(not params_grad)
+        try:
+            with FlopCounterMode(display=False) as fc:
+                F.cross_entropy(model(xi), y).backward()
+        finally:
+            for p, f in zip(model.parameters(), flags):
+                p.requires_grad_(f)
+                p.grad = None
+        return float(fc.get_total_flops())
+
+    model.train()
+    return attack_steps * count(False) + count(True)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16.items():
+        if key in name:
+            return peak
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation throughput
+
+
+def eval_throughput(model: nn.Module, split, device: torch.device, *, n: int, aa_n: int, batch: int,
+                    repeats: int) -> dict[str, Any]:
+    """PGD-20 (fp32) images/s over ``n`` images, and one AutoAttack standard pass over ``aa_n`` images."""
+    from .attacks import autoattack, pgd
+    from .evaluate import ATTACKS
+
+    model.eval()
+    x = split.x[:n].to(device).float().div_(255)
+    y = split.y[:n].to(device)
+    spec = ATTACKS["pgd20"]
+
+    def run_pgd():
+        for i in range(0, n, batch):
+            pgd(model, x[i:i + batch], y[i:i + batch], eps=8 / 255, step=spec.step, steps=spec.steps, bn="eval")
+
+    run_pgd()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        run_pgd()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    out: dict[str, Any] = {"pgd20": {"images": n, "sec": med, "sec_min": min(times), "sec_max": max(times),
+                                     "images_per_s": n / med, "sec_per_10k": 10_000 * med / n}}
+    if aa_n:
+        t0 = time.perf_counter()
+        autoattack(model, x[:aa_n], y[:aa_n], eps=8 / 255, batch_size=batch)
+        _sync(device)
+        sec = time.perf_counter() - t0
+        out["aa"] = {"images": aa_n, "sec": sec, "sec_per_10k": 10_000 * sec / aa_n,
+                     "note": "one pass; AutoAttack's time depends on how robust the model is (a random model here)"}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16 vs fp32: the science must not change
+
+
+def precision_check(device: torch.device, out_dir: Path, *, epochs: int, subset: int, eval_n: int,
+                    echo: Callable[[str], None]) -> dict[str, Any]:
+    """A short PGD-AT run (smoke preset, synthetic data) in fp32 and in bf16: clean and PGD-20 side by side."""
+    from .records import RunDir
+    from .runner import Runner, RunRequest, plan
+
+    res: dict[str, Any] = {}
+    for precision in ("fp32", "bf16"):
+        req = RunRequest(methods=["pgd-at"], preset="smoke", epochs=epochs, subset=subset, eval_n=eval_n,
+                         attacks=["clean", "pgd20"], probe_n=0, device=str(device), precision=precision,
+                         results_dir=str(out_dir))
+        (p,) = plan(req)
+        Runner(progress=False, echo=echo).execute(p.cfg)
+        ev = RunDir.for_config(p.cfg).read_eval()["results"]
+        res[precision] = {"clean": ev["clean"]["acc"], "pgd20": ev["pgd20"]["acc"], "n": ev["clean"]["n"],
+                          "run": p.cfg.run_name}
+    # the binomial standard error of an accuracy p on n points, in percentage points: the "noise" of the comparison
+    n = res["fp32"]["n"]
+    se = {k: 100 * ((res["fp32"][k] / 100) * (1 - res["fp32"][k] / 100) / n) ** 0.5 for k in ("clean", "pgd20")}
+    res["difference"] = {k: round(res["bf16"][k] - res["fp32"][k], 2) for k in ("clean", "pgd20")}
+    res["binomial_se_pp"] = {k: round(v, 2) for k, v in se.items()}
+    res["within_2se"] = {k: abs(res["difference"][k]) <= 2 * max(se[k], 100 / n) for k in se}
+    res["setting"] = f"pgd-at, smoke preset (smallcnn, synthetic), {epochs} epochs, {subset} images/class, n={n}"
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "device"
+
+
+def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[str, ...] = PERF_METHODS,
+             batch: int | None = None, steps: int | None = None, repeats: int = 3, warmup: int = 2,
+             attack_steps: int | None = None, compile_: bool | None = None, workers: int | None = None,
+             eval_n: int | None = None, aa_n: int | None = None, science: bool = False, out_dir: str | Path =
+             "results/perf", echo: Callable[[str], None] = print) -> Path:
+    from methods import METHODS
+
+    from .data import make_synthetic
+    from .engine import resolve_device
+    from .evaluate import device_name
+    from .fsutil import atomic_write_json, atomic_write_text
+
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
+    for m in methods:
+        METHODS.get(m)
+    arch = arch or ("resnet18" if gpu else "smallcnn")
+    batch = batch or (128 if gpu else 64)
+    steps = steps or (20 if gpu else 4)
+    compile_ = gpu if compile_ is None else compile_
+    workers = (4 if gpu else 0) if workers is None else workers
+    eval_n = eval_n or (1024 if gpu else 128)
+    aa_n = (256 if gpu else 16) if aa_n is None else aa_n
+    if batch < 2 or steps < 1 or repeats < 1 or warmup < 0:
+        raise BenchError(f"bench perf: batch {batch}, steps {steps}, repeats {repeats}, warmup {warmup}; accepted: "
+                         "batch ≥ 2, steps ≥ 1, repeats ≥ 1, warmup ≥ 0")
+    n_images = max(batch * (steps + warmup + 1), 4 * batch)
+    split = make_synthetic(max(n_images // 10, 1) + 1, seed=0)
+    name = device_name(dev)
+    echo(f"bench perf on {name}: {arch}, batch {batch}, {steps} steps × {repeats} repeats after {warmup} warm-up")
+    record: dict[str, Any] = {
+        "device": name, "date": _dt.date.today().isoformat(), "torch": torch.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "settings": {"arch": arch, "batch": batch, "steps": steps, "repeats": repeats, "warmup": warmup,
+                     "attack_steps": attack_steps or "method default", "engine": {
+                         "bf16": gpu, "channels_last": gpu, "compile": compile_, "data": "device-resident uint8, "
+                         "crop/flip on device"}, "reference": {"precision": "fp32", "compile": False,
+                                                              "data": f"DataLoader, PIL + per-image transforms, "
+                                                                      f"{workers} workers", "item_every_step": True}},
+        "methods": {}}
+    for m in methods:
+        row: dict[str, Any] = {}
+        for kind in ("reference", "engine"):
+            method = _method(m, arch, 10, dev, batch=batch, attack_steps=attack_steps,
+                             channels_last=gpu and kind == "engine", seed=0)
+            if kind == "engine":
+                fn = engine_step_fn(method, split, dev, batch=batch, bf16=gpu, channels_last=gpu, compile_=compile_,
+                                    seed=0)
+            else:
+                fn = reference_step_fn(method, split, dev, batch=batch, workers=workers)
+            _reset_mem(dev)
+            t = time_steps(fn, warmup=warmup, steps=steps, repeats=repeats, device=dev, batch=batch)
+            t["peak_mem_mb"] = _peak_mem_mb(dev)
+            row[kind] = t
+            echo(f"  {m:<8} {kind:<9} {t['images_per_s']:9.1f} img/s  {t['sec_per_cifar10_epoch']:9.1f} s/epoch "
+                 f"(CIFAR-10 size)  [{t['sec_per_step_min'] * 1e3:.1f}–{t['sec_per_step_max'] * 1e3:.1f} ms/step]")
+        row["speedup"] = row["reference"]["sec_per_step"] / row["engine"]["sec_per_step"]
+        if m == "pgd-at":
+            method = _method(m, arch, 10, dev, batch=batch, attack_steps=attack_steps, channels_last=False, seed=0)
+            flops = step_flops(method.model, split, dev, batch, method.hp["attack_steps"])
+            if flops:
+                achieved = flops / row["engine"]["sec_per_step"]
+                peak = peak_flops(dev)
+                row["flops_per_step"] = flops
+                row["achieved_flop_s"] = achieved
+                row["fraction_of_peak"] = achieved / peak if peak else None
+                row["peak_flop_s"] = peak
+        record["methods"][m] = row
+    from .models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, 10).to(dev)
+    echo(f"  evaluation: PGD-20 on {eval_n} images, AutoAttack on {aa_n}")
+    record["evaluation"] = eval_throughput(model, split, dev, n=min(eval_n, len(split)), aa_n=aa_n,
+                                           batch=max(batch, 128 if gpu else batch), repeats=repeats)
+    if science:
+        echo("  precision check: PGD-AT in fp32 and in bf16")
+        record["precision_check"] = precision_check(dev, Path(out_dir) / "runs-precision",
+                                                    epochs=8 if not gpu else 15, subset=200, eval_n=500, echo=echo)
+    out = Path(out_dir)
+    stem = out / f"{device_slug(name)}-{record['date']}"
+    atomic_write_json(stem.with_suffix(".json"), record)
+    atomic_write_text(stem.with_suffix(".md"), summary_markdown(record))
+    echo(f"bench perf: wrote {stem}.json and {stem}.md")
+    return stem.with_suffix(".json")
+
+
+def summary_markdown(rec: dict[str, Any]) -> str:
+    s = rec["settings"]
+    lines = [f"# bench perf — {rec['device']} ({rec['date']})", "",
+             f"torch {rec['torch']}, Python {rec['python']}, {rec['threads']} threads; {s['arch']}, batch {s['batch']}, "
+             f"{s['steps']} steps × {s['repeats']} repeats after {s['warmup']} warm-up; median (min–max). "
+             f"Engine: {json.dumps(s['engine'])}. Reference: {json.dumps(s['reference'])}.", "",
+             "| method | reference img/s | engine img/s | engine / reference | engine s per CIFAR-10 epoch | "
+             "peak memory MB (ref / engine) |", "|---|---|---|---|---|---|"]
+    for m, r in rec["methods"].items():
+        ref, eng = r["reference"], r["engine"]
+        lines.append(f"| {m} | {ref['images_per_s']:.1f} ({ref['sec_per_step_min'] * 1e3:.0f}–"
+                     f"{ref['sec_per_step_max'] * 1e3:.0f} ms/step) | {eng['images_per_s']:.1f} "
+                     f"({eng['sec_per_step_min'] * 1e3:.0f}–{eng['sec_per_step_max'] * 1e3:.0f} ms/step) | "
+                     f"{r['speedup']:.2f}× | {eng['sec_per_cifar10_epoch']:.1f} | {ref['peak_mem_mb']} / "
+                     f"{eng['peak_mem_mb']} |")
+    pa = rec["methods"].get("pgd-at", {})
+    if pa.get("achieved_flop_s"):
+        frac = pa.get("fraction_of_peak")
+        lines += ["", f"PGD-AT step: {pa['flops_per_step'] / 1e9:.1f} GFLOP, {pa['achieved_flop_s'] / 1e12:.3f} "
+                      f"TFLOP/s achieved" + (f" = {100 * frac:.1f} % of the bf16 peak" if frac else
+                                              " (no peak known for this device)")]
+    ev = rec.get("evaluation", {})
+    if ev:
+        lines += ["", f"Evaluation (fp32): PGD-20 {ev['pgd20']['images_per_s']:.1f} img/s "
+                      f"({ev['pgd20']['sec_per_10k']:.0f} s per 10 000 images)"]
+        if "aa" in ev:
+            lines.append(f"AutoAttack standard: {ev['aa']['sec']:.1f} s for {ev['aa']['images']} images "
+                         f"({ev['aa']['sec_per_10k']:.0f} s per 10 000; {ev['aa']['note']})")
+    pc = rec.get("precision_check")
+    if pc:
+        lines += ["", f"Precision check ({pc['setting']}): fp32 clean {pc['fp32']['clean']:.2f} / PGD-20 "
+                      f"{pc['fp32']['pgd20']:.2f}; bf16 clean {pc['bf16']['clean']:.2f} / PGD-20 "
+                      f"{pc['bf16']['pgd20']:.2f}; difference {pc['difference']} pp, binomial s.e. "
+                      f"{pc['binomial_se_pp']} pp, within 2 s.e.: {pc['within_2se']}"]
+    lines.append("")
+    return "\n".join(lines)

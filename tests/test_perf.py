@@ -1,0 +1,44 @@
+"""`bench perf` in CI size: it writes a well-formed result (no timing assertions: timings are measured by the
+benchmark, never asserted in unit tests)."""
+import json
+
+import pytest
+
+from bench.perf import precision_check, run_perf, summary_markdown
+
+
+@pytest.mark.slow
+def test_bench_perf_writes_a_well_formed_result(tmp_path):
+    path = run_perf(device="cpu", arch="smallcnn", methods=("natural", "pgd-at", "trades", "afd"), batch=8, steps=1,
+                    repeats=2, warmup=1, attack_steps=1, eval_n=8, aa_n=2, out_dir=tmp_path, echo=lambda s: None)
+    rec = json.loads(path.read_text())
+    assert path.name.startswith("cpu-") and path.with_suffix(".md").is_file()
+    assert rec["device"].startswith("cpu") and rec["torch"] and rec["settings"]["arch"] == "smallcnn"
+    assert set(rec["methods"]) == {"natural", "pgd-at", "trades", "afd"}
+    for m, r in rec["methods"].items():
+        for kind in ("reference", "engine"):
+            t = r[kind]
+            assert t["repeats"] == 2 and t["sec_per_step_min"] <= t["sec_per_step"] <= t["sec_per_step_max"]
+            assert t["images_per_s"] > 0 and t["sec_per_cifar10_epoch"] == pytest.approx(50_000 / t["images_per_s"])
+            assert t["peak_mem_mb"] > 0
+        assert r["speedup"] == pytest.approx(r["reference"]["sec_per_step"] / r["engine"]["sec_per_step"])
+    pa = rec["methods"]["pgd-at"]
+    # one attack step (fwd + input backward) and the update (fwd + full backward): more than one fwd+bwd
+    assert pa["flops_per_step"] > 0 and pa["fraction_of_peak"] is None  # no peak for a CPU
+    assert rec["evaluation"]["pgd20"]["images"] == 8 and rec["evaluation"]["aa"]["images"] == 2
+    md = path.with_suffix(".md").read_text()
+    assert "| pgd-at |" in md and "engine / reference" in md and rec["device"] in md
+
+
+@pytest.mark.slow
+def test_the_precision_check_trains_fp32_and_bf16_side_by_side(tmp_path):
+    res = precision_check(__import__("torch").device("cpu"), tmp_path, epochs=1, subset=5, eval_n=20,
+                          echo=lambda s: None)
+    assert set(res["fp32"]) == set(res["bf16"]) == {"clean", "pgd20", "n", "run"}
+    assert res["fp32"]["run"] != res["bf16"]["run"]  # two runs: precision is part of the identity
+    assert res["difference"]["clean"] == pytest.approx(res["bf16"]["clean"] - res["fp32"]["clean"], abs=0.01)
+    assert set(res["within_2se"]) == {"clean", "pgd20"}
+    rec = {"device": "cpu", "date": "d", "torch": "t", "python": "p", "threads": 1,
+           "settings": {"arch": "a", "batch": 1, "steps": 1, "repeats": 1, "warmup": 0, "engine": {},
+                        "reference": {}}, "methods": {}, "precision_check": res}
+    assert "Precision check" in summary_markdown(rec)
