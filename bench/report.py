@@ -187,6 +187,21 @@ def method_order(methods: list[str]) -> list[str]:
     return known + sorted(m for m in methods if m not in PAPER_ORDER)
 
 
+def hp_changes(g: "Group") -> str:
+    """The hyper-parameters of a setting that differ from its method's defaults (what a reader must know before
+    comparing a row with the paper's), e.g. ``epochs=3, gamma=5.0``; "" when none does."""
+    from methods import METHODS
+
+    try:
+        defaults = METHODS.get(g.first.method).resolved_defaults()
+    except Exception:  # noqa: BLE001 — a record of a method this version no longer has
+        return ""
+    hp = g.first.hp
+    diff = [f"{k}={json.dumps(hp[k], sort_keys=True) if isinstance(hp[k], (dict, list)) else hp[k]}"
+            for k in sorted(hp) if k in defaults and hp[k] != defaults[k]]
+    return ", ".join(diff)
+
+
 def fmt(v: float | None, std: float | None = None, k: int = 0) -> str:
     if v is None:
         return DASH
@@ -307,6 +322,8 @@ def table12(groups: dict[str, Group], arch: str) -> tuple[Any, Any]:
                     notes.append("no paper row")
                 if g and g.suspect:
                     notes.append("SUSPECT: " + "; ".join(g.suspect))
+                if g and hp_changes(g):
+                    notes.append("hp ≠ defaults: " + hp_changes(g))
                 row["notes"] = " · ".join(notes)
                 num["notes"] = row["notes"]
                 rows.append(row)
@@ -335,7 +352,9 @@ def table3(groups: dict[str, Group]) -> tuple[Any, Any]:
                 row[f"paper {LABEL[a]}"] = fmt(p)
                 row[f"Δ {LABEL[a]}"] = fmt_diff(mean, p)
                 num.update({f"{a}_mean": mean, f"{a}_std": std, f"paper_{a}": p})
-            row["notes"] = "SUSPECT: " + "; ".join(g.suspect) if g and g.suspect else ""
+            notes = (["SUSPECT: " + "; ".join(g.suspect)] if g and g.suspect else []) + (
+                ["hp ≠ defaults: " + hp_changes(g)] if g and hp_changes(g) else [])
+            row["notes"] = " · ".join(notes)
             rows.append(row)
             nums.append(num)
     return pd.DataFrame(rows), pd.DataFrame(nums)
