@@ -23,6 +23,17 @@ class Batch:
     idx: torch.Tensor  # int64 (B,): indices into the split (for methods with per-example state)
 
 
+def window_index(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    """Advanced-indexing tuple that picks, from every image of ``x`` (B, C, H', W'), the (h, w) window whose top-left
+    corner is (``oy``, ``ox``) (per image): ``x[idx]`` reads the crops, ``x[idx] = v`` writes them back."""
+    b, c = x.shape[:2]
+    rows = oy[:, None] + torch.arange(h, device=x.device)[None]  # (B, h)
+    cols = ox[:, None] + torch.arange(w, device=x.device)[None]  # (B, w)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return bi, ci, rows[:, None, :, None], cols[:, None, None, :]
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True,
             padding_mode: str = "constant") -> torch.Tensor:
     """Random crop of ``pad``-padded images back to their size, and random horizontal flip, per image.
@@ -30,17 +41,13 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = Tr
     Works on uint8 or float tensors of shape (B, C, H, W) on any device; randomness comes from ``gen`` (a CPU
     generator) so the result does not depend on the device.
     """
-    b, c, h, w = x.shape
+    b, _, h, w = x.shape
     if pad > 0:
         xp = F.pad(x.float() if padding_mode != "constant" else x, (pad, pad, pad, pad), mode=padding_mode)
         xp = xp.to(x.dtype)
         oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
         ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
-        rows = (oy[:, None] + torch.arange(h, device=x.device)[None])  # (B, H)
-        cols = (ox[:, None] + torch.arange(w, device=x.device)[None])  # (B, W)
-        bi = torch.arange(b, device=x.device)[:, None, None, None]
-        ci = torch.arange(c, device=x.device)[None, :, None, None]
-        x = xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+        x = xp[window_index(xp, oy, ox, h, w)]
     if flip:
         f = (torch.rand(b, generator=gen) < 0.5).to(x.device)
         x = torch.where(f[:, None, None, None], x.flip(3), x)

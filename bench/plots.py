@@ -93,7 +93,7 @@ def fig1a(groups: dict, out: Path) -> str | None:
 
 
 def scatter(groups: dict, out: Path) -> str | None:
-    from .report import ATTACKS, _paper
+    from .report import _paper
 
     paper = _paper()
 
@@ -114,7 +114,7 @@ def scatter(groups: dict, out: Path) -> str | None:
             row = paper.table12_row(arch, method, ds)
             if row is None:
                 continue
-            c, p = paper.metric(row, ATTACKS[0]), paper.metric(row, "pgd20")
+            c, p = paper.metric(row, "clean"), paper.metric(row, "pgd20")
             if c is None or p is None:
                 continue
             ax.scatter([c], [p], s=18, facecolors="none", edgecolors="grey")

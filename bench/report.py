@@ -19,7 +19,7 @@ import html
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,7 +53,6 @@ class Run:
     method_record: dict[str, Any] | None
     setting: str = ""
     label: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -322,8 +321,9 @@ def table12(groups: dict[str, Group], arch: str) -> tuple[Any, Any]:
                     notes.append("no paper row")
                 if g and g.suspect:
                     notes.append("SUSPECT: " + "; ".join(g.suspect))
-                if g and hp_changes(g):
-                    notes.append("hp ≠ defaults: " + hp_changes(g))
+                changed = hp_changes(g) if g else ""
+                if changed:
+                    notes.append("hp ≠ defaults: " + changed)
                 row["notes"] = " · ".join(notes)
                 num["notes"] = row["notes"]
                 rows.append(row)
@@ -352,8 +352,9 @@ def table3(groups: dict[str, Group]) -> tuple[Any, Any]:
                 row[f"paper {LABEL[a]}"] = fmt(p)
                 row[f"Δ {LABEL[a]}"] = fmt_diff(mean, p)
                 num.update({f"{a}_mean": mean, f"{a}_std": std, f"paper_{a}": p})
+            changed = hp_changes(g) if g else ""
             notes = (["SUSPECT: " + "; ".join(g.suspect)] if g and g.suspect else []) + (
-                ["hp ≠ defaults: " + hp_changes(g)] if g and hp_changes(g) else [])
+                ["hp ≠ defaults: " + changed] if changed else [])
             row["notes"] = " · ".join(notes)
             rows.append(row)
             nums.append(num)

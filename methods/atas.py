@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from bench.attacks import input_grad
 from bench.errors import BenchError
+from bench.loader import window_index
 
 from .base import Method, register_method
 
@@ -45,12 +46,7 @@ from .base import Method, register_method
 def crop_flip(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Per-example crop of size (h, w) at offsets (oy, ox) of padded images ``x`` (B, C, H+2p, W+2p), then a
     horizontal flip where ``flip``."""
-    b, c = x.shape[:2]
-    rows = oy[:, None] + torch.arange(h, device=x.device)[None]
-    cols = ox[:, None] + torch.arange(w, device=x.device)[None]
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    out = x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    out = x[window_index(x, oy, ox, h, w)]
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
@@ -58,13 +54,9 @@ def uncrop_flip_(buf: torch.Tensor, values: torch.Tensor, oy: torch.Tensor, ox: 
                  flip: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`crop_flip`: un-flip ``values`` (B, C, h, w) and write them into the crop windows of
     ``buf`` (B, C, H+2p, W+2p) in place; the rest of ``buf`` is unchanged."""
-    b, c, h, w = values.shape
+    h, w = values.shape[-2:]
     values = torch.where(flip[:, None, None, None], values.flip(3), values)
-    rows = oy[:, None] + torch.arange(h, device=buf.device)[None]
-    cols = ox[:, None] + torch.arange(w, device=buf.device)[None]
-    bi = torch.arange(b, device=buf.device)[:, None, None, None]
-    ci = torch.arange(c, device=buf.device)[None, :, None, None]
-    buf[bi, ci, rows[:, None, :, None], cols[:, None, None, :]] = values.to(buf.dtype)
+    buf[window_index(buf, oy, ox, h, w)] = values.to(buf.dtype)
     return buf
 
 
