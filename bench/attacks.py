@@ -19,14 +19,18 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import faults
+from .dist import per_example, seed_loss
 from .fsutil import atomic_write_json
+
+if TYPE_CHECKING:
+    from .dist import Dist
 
 BNMode = Literal["eval", "train", "keep"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -61,10 +65,15 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def uniform_noise(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """U(−ε, ε) per pixel; drawn from ``generator`` (any device) when given, else the global RNG of x's device."""
-    if generator is not None and generator.device != x.device:
-        return (torch.rand(x.shape, generator=generator) * 2 - 1).mul_(eps).to(x.device, x.dtype)
-    return (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1).mul_(eps)
+    """U(−ε, ε) per pixel; drawn from ``generator`` (any device) when given, else the global RNG of x's device.
+    Inside a training step on a shard of a global batch, drawn for the global batch (:func:`bench.dist.per_example`)."""
+    def draw(m: int) -> torch.Tensor:
+        shape = (m, *x.shape[1:])
+        if generator is not None and generator.device != x.device:
+            return (torch.rand(shape, generator=generator) * 2 - 1).mul_(eps).to(x.device, x.dtype)
+        return (torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1).mul_(eps)
+
+    return per_example(draw, x.shape[0])
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -77,7 +86,7 @@ def input_grad(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
     with torch.enable_grad():
         logits = model(x)
         loss = loss_fn(logits, y)
-        (g,) = torch.autograd.grad(loss, x)
+        (g,) = torch.autograd.grad(seed_loss(loss), x)  # seeded: the single-process gradient on a shard
     return g, logits.detach()
 
 
@@ -147,7 +156,8 @@ class _Capture(logging.Handler):
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str = "standard",
                batch_size: int = 500, chunk: int = 1000, seed: int = 0, state_dir: str | Path | None = None,
-               state_key: str = "", progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[str]]:
+               state_key: str = "", progress: Callable[[int], None] | None = None,
+               dist: "Dist | None" = None) -> tuple[torch.Tensor, list[str]]:
     """AutoAttack (``pyautoattack``, L∞) on ``(x, y)``: returns the per-point robust flags and the warnings its
     gradient-masking checks raised.
 
@@ -155,43 +165,69 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     of ``chunk``; each finished chunk's flags are written to ``state_dir`` (keyed by ``state_key``, which the caller
     derives from the weights and settings), so an interrupted evaluation resumes at the first unfinished chunk.
     AutoAttack treats points independently, so chunking changes nothing but the random seeds' bookkeeping.
-    """
-    from pyautoattack import AutoAttack
 
+    Under data parallelism (``dist``) the chunks are dealt out in rounds of one per rank; after each round the
+    flags and warnings are gathered and rank 0 writes the round's chunk files.
+    """
+    from .dist import SINGLE
+
+    dist = dist if dist is not None else SINGLE
     assert_eval(model)
-    device = x.device
     flags = torch.zeros(x.shape[0], dtype=torch.bool)
     state_dir = Path(state_dir) if state_dir is not None else None
     capture = _Capture()
     logger = logging.getLogger("auto-attack")
     logger.addHandler(capture)
     propagate, logger.propagate = logger.propagate, False  # its warnings go into the record, not the console
+    starts = list(range(0, x.shape[0], chunk))
     try:
-        for start in range(0, x.shape[0], chunk):
-            end = min(start + chunk, x.shape[0])
-            path = state_dir / f"aa-{start}-{end}.json" if state_dir is not None else None
-            if path is not None and path.is_file():
-                saved = json.loads(path.read_text())
-                if saved.get("key") == state_key and len(saved["robust"]) == end - start:
+        for r0 in range(0, len(starts), dist.world):
+            chunks = [(a, min(a + chunk, x.shape[0])) for a in starts[r0:r0 + dist.world]]
+            fresh = []  # (start, end) of the chunks attacked in this round (not loaded from their files)
+            for i, (start, end) in enumerate(chunks):
+                saved = _saved_chunk(state_dir, start, end, state_key)
+                if saved is not None:
                     flags[start:end] = torch.tensor(saved["robust"], dtype=torch.bool)
                     capture.messages.extend(m for m in saved.get("flags", []) if m not in capture.messages)
-                    if progress:
-                        progress(end - start)
                     continue
-            adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=device)
-            adversary.logger = logger
-            with torch.autocast(device.type, enabled=False):
-                _, y_adv = adversary.run_standard_evaluation(x[start:end].float(), y[start:end],
-                                                             batch_size=batch_size)
-            robust = (y_adv.to(y.device) == y[start:end]).cpu()
-            flags[start:end] = robust
-            if path is not None:
-                atomic_write_json(path, {"key": state_key, "robust": robust.int().tolist(),
-                                         "flags": capture.messages})
-                faults.point("aa_chunk")
+                fresh.append((start, end))
+                if i == dist.rank:
+                    flags[start:end] = _autoattack_chunk(model, x[start:end], y[start:end], eps=eps,
+                                                         version=version, seed=seed, batch_size=batch_size,
+                                                         logger=logger)
+            if dist.enabled and fresh:
+                flags = dist.all_sum(flags.to(torch.int32)) > 0
+                for msgs in dist.gather_objects(list(capture.messages)):
+                    capture.messages.extend(m for m in msgs if m not in capture.messages)
+            for start, end in fresh:
+                if state_dir is not None and dist.is_main:
+                    atomic_write_json(state_dir / f"aa-{start}-{end}.json",
+                                      {"key": state_key, "robust": flags[start:end].int().tolist(),
+                                       "flags": capture.messages})
+                    faults.point("aa_chunk")
             if progress:
-                progress(end - start)
+                progress(sum(end - start for start, end in chunks))
     finally:
         logger.removeHandler(capture)
         logger.propagate = propagate
     return flags, capture.messages
+
+
+def _saved_chunk(state_dir: Path | None, start: int, end: int, key: str) -> dict | None:
+    path = state_dir / f"aa-{start}-{end}.json" if state_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("key") == key and len(saved["robust"]) == end - start else None
+
+
+def _autoattack_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str, seed: int,
+                      batch_size: int, logger: logging.Logger) -> torch.Tensor:
+    """Robust flags (CPU bool) of one chunk under AutoAttack."""
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(model, norm="Linf", eps=eps, version=version, seed=seed, device=x.device)
+    adversary.logger = logger
+    with torch.autocast(x.device.type, enabled=False):
+        _, y_adv = adversary.run_standard_evaluation(x.float(), y, batch_size=batch_size)
+    return (y_adv.to(y.device) == y).cpu()

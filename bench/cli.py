@@ -6,6 +6,7 @@ written.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,64 +76,221 @@ def list_cmd() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _run_options(sweep: bool = False):
+    """The options ``bench run`` and ``bench sweep`` share (sweep takes comma lists for --dataset / --arch and one
+    --data-dir NAME=DIR per dataset)."""
+    many = " (comma-separated: one run per value)" if sweep else ""
+    data_dir = (click.option("--data-dir", "data_dir", multiple=True, metavar="[NAME=]DIR",
+                             help="Folder (or archive) of the dataset; with several datasets NAME=DIR for each "
+                                  "(repeatable).") if sweep else
+                click.option("--data-dir", type=click.Path(path_type=str),
+                             help="Folder (or archive) holding the dataset."))
+    options = [
+        click.option("--methods", "-m", help="Comma-separated methods (see `bench list`); default: the preset's."),
+        click.option("--dataset", "-d", help="Dataset name (default: the preset's, else synthetic)" + many + "."),
+        click.option("--arch", "-a", help="Architecture (default: the preset's, else resnet18)" + many + "."),
+        click.option("--seeds", "-s", help="Seeds: 0,1,2 or 0-2 (default 0)."),
+        click.option("--preset", "-p", help="Preset name (smoke, paper) or path to a TOML file."),
+        data_dir,
+        click.option("--download", is_flag=True, help="Download the dataset if it is not on disk (needs internet)."),
+        click.option("--subset", type=int, callback=_positive_int, help="Training images per class (smoke runs)."),
+        click.option("--epochs", type=int, callback=_positive_int, help="Epochs of every listed method."),
+        click.option("--batch-size", type=int, callback=_positive_int, help="Batch size of every listed method."),
+        click.option("--lr", type=float, help="Base learning rate of every listed method."),
+        click.option("--set", "sets", multiple=True, metavar="[METHOD.]KEY=VALUE",
+                     help="Override a hyper-parameter, e.g. --set eps=8/255 --set natural.epochs=50 (repeatable); "
+                          "a bare comma list is a grid: --set afd.gamma=5,25,50."),
+        click.option("--attacks", help="Evaluation attacks: clean,pgd20,aa (default: all three)."),
+        click.option("--eval-n", type=int, callback=_positive_int,
+                     help="Test images for clean and PGD-20 (default: all)."),
+        click.option("--aa-n", type=int, callback=_positive_int,
+                     help="Test images for AutoAttack (default: --eval-n)."),
+        click.option("--aa-chunk", type=int, callback=_positive_int,
+                     help="AutoAttack runs and saves its progress in chunks of this many images (default 1000)."),
+        click.option("--probe-n", type=int, help="Test images of the per-epoch feature-gap probe (0: off)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=str, help="Training precision: fp32 or bf16 (evaluation is always fp32)."),
+        click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format (GPU)."),
+        click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the training forward."),
+        click.option("--normalize/--no-normalize", default=None,
+                     help="Put the training set's mean/std inside the model (default: raw [0,1] inputs, as AFD)."),
+        click.option("--pretrained", type=click.Path(path_type=str),
+                     help="Starting model for methods that fine-tune (default: the suite trains and reuses its own)."),
+        click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
+                     help="With several processes: BatchNorm over the global batch, so the run equals the one-process "
+                          "run; --no-sync-bn keeps per-process statistics (faster; a different run)."),
+        click.option("--results", "results_dir", default="results", show_default=True, help="Results directory."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars (epoch lines are still printed)."),
+    ]
+    def decorate(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
+def _request(opts: dict, **over):
+    """A RunRequest from the shared options."""
+    from .runner import RunRequest
+
+    _check_results_dir(opts["results_dir"])
+    o = {**opts, **over}
+    return RunRequest(methods=_csv(o["methods"]) if isinstance(o["methods"], str) else o["methods"],
+                      dataset=o["dataset"], arch=o["arch"], seeds=o["seeds"], preset=o["preset"],
+                      data_dir=o["data_dir"], subset=o["subset"], epochs=o["epochs"], batch_size=o["batch_size"],
+                      lr=o["lr"], sets=list(o["sets"]), attacks=o["attacks"], eval_n=o["eval_n"], aa_n=o["aa_n"],
+                      aa_chunk=o["aa_chunk"], probe_n=o["probe_n"], device=o["device"], precision=o["precision"],
+                      channels_last=o["channels_last"], compile=o["compile_"], normalize=o["normalize"],
+                      pretrained=o["pretrained"], results_dir=o["results_dir"], download=o["download"],
+                      sync_bn=o["sync_bn"])
+
+
 @cli.command("run")
-@click.option("--methods", "-m", help="Comma-separated methods (see `bench list`); default: the preset's.")
-@click.option("--dataset", "-d", help="Dataset name (default: the preset's, else synthetic).")
-@click.option("--arch", "-a", help="Architecture (default: the preset's, else resnet18).")
-@click.option("--seeds", "-s", help="Seeds: 0,1,2 or 0-2 (default 0).")
-@click.option("--preset", "-p", help="Preset name (smoke, paper) or path to a TOML file.")
-@click.option("--data-dir", type=click.Path(path_type=str), help="Folder (or archive) holding the dataset.")
-@click.option("--download", is_flag=True, help="Download the dataset if it is not on disk (needs internet).")
-@click.option("--subset", type=int, callback=_positive_int, help="Training images per class (smoke runs).")
-@click.option("--epochs", type=int, callback=_positive_int, help="Epochs of every listed method.")
-@click.option("--batch-size", type=int, callback=_positive_int, help="Batch size of every listed method.")
-@click.option("--lr", type=float, help="Base learning rate of every listed method.")
-@click.option("--set", "sets", multiple=True, metavar="[METHOD.]KEY=VALUE",
-              help="Override a hyper-parameter, e.g. --set eps=8/255 --set natural.epochs=50 (repeatable).")
-@click.option("--attacks", help="Evaluation attacks: clean,pgd20,aa (default: all three).")
-@click.option("--eval-n", type=int, callback=_positive_int, help="Test images for clean and PGD-20 (default: all).")
-@click.option("--aa-n", type=int, callback=_positive_int, help="Test images for AutoAttack (default: --eval-n).")
-@click.option("--aa-chunk", type=int, callback=_positive_int,
-              help="AutoAttack runs and saves its progress in chunks of this many images (default 1000).")
-@click.option("--probe-n", type=int, help="Test images of the per-epoch feature-gap probe (0: off).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=str, help="Training precision: fp32 or bf16 (evaluation is always fp32).")
-@click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format (GPU).")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the training forward.")
-@click.option("--normalize/--no-normalize", default=None,
-              help="Put the training set's mean/std inside the model (default: raw [0,1] inputs, as AFD).")
-@click.option("--pretrained", type=click.Path(path_type=str),
-              help="Starting model for methods that fine-tune (default: the suite trains and reuses its own).")
-@click.option("--results", "results_dir", default="results", show_default=True, help="Results directory.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars (epoch lines are still printed).")
-def run_cmd(methods, dataset, arch, seeds, preset, data_dir, download, subset, epochs, batch_size, lr, sets, attacks,
-            eval_n, aa_n, aa_chunk, probe_n, device, precision, channels_last, compile_, normalize, pretrained,
-            results_dir, quiet) -> None:
+@_run_options()
+@click.option("--nproc", type=int, callback=_positive_int,
+              help="Train every run on N processes with DistributedDataParallel: starts torchrun (one GPU per "
+                   "process; CPU processes with --device cpu). Same as `torchrun --nproc_per_node N -m bench run`.")
+def run_cmd(nproc, quiet, **opts) -> None:
     """Train and evaluate methods × seeds; prints Clean / PGD-20 / AutoAttack and seconds per epoch.
 
     Finished runs are not trained again; interrupted ones resume from their last checkpoint. Records land in
     RESULTS/runs/<dataset>_<arch>_<method>_s<seed>_<hash>/.
+
+    \b
+    On several GPUs: `bench run --nproc 8 ...` or `torchrun --nproc_per_node 8 -m bench run ...`. The global batch
+    and the learning rate stay as configured; with --sync-bn (default) the run is the one-process run (same hash,
+    resumable on any number of processes).
     """
-    from .records import RunDir
-    from .runner import Runner, RunRequest, format_table, plan, summary_rows
+    from .dist import Dist, launched_distributed, torchrun
+    from .runner import execute_planned, format_table, plan, summary_rows
 
-    _check_results_dir(results_dir)
-    req = RunRequest(methods=_csv(methods), dataset=dataset, arch=arch, seeds=seeds, preset=preset,
-                     data_dir=data_dir, subset=subset, epochs=epochs, batch_size=batch_size, lr=lr, sets=list(sets),
-                     attacks=attacks, eval_n=eval_n, aa_n=aa_n, aa_chunk=aa_chunk, probe_n=probe_n, device=device,
-                     precision=precision, channels_last=channels_last, compile=compile_, normalize=normalize,
-                     pretrained=pretrained,
-                     results_dir=results_dir, download=download)
-    planned = plan(req)
-    from .engine import resolve_device
+    req = _request(opts)
+    if nproc and nproc > 1 and not launched_distributed():
+        plan(req)  # every bad value fails here, before any process starts
+        sys.exit(torchrun(nproc, sys.argv[1:], device=opts["device"]))
+    dist = Dist.from_env(opts["device"], sync_bn=opts["sync_bn"])
+    try:
+        req.world_size = dist.world
+        planned = plan(req)
+        if not dist.enabled:
+            from .engine import resolve_device
 
-    resolve_device(device)
-    runner = Runner(progress=not quiet, echo=lambda s: click.echo(s, err=True))
-    done = []
-    for p in planned:
-        runner.execute(p.cfg, p.base, p.grid)
-        done.append(RunDir.for_config(p.cfg))
-    click.echo(format_table(summary_rows(done)))
+            resolve_device(opts["device"])
+        runs = execute_planned(planned, dist=dist, progress=not quiet, echo=lambda s: click.echo(s, err=True))
+        if dist.is_main:
+            click.echo(format_table(summary_rows(runs)))
+    finally:
+        dist.close()
+
+
+def _minutes(ctx, param, value):
+    """--time: minutes, H:MM:SS or D-HH:MM:SS (Slurm's forms) → minutes."""
+    if value is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?", value.strip())
+    if not m:
+        raise click.BadParameter(f"{value!r}; accepted: minutes (90), H:MM:SS (4:00:00) or D-HH:MM:SS (1-00:00:00)")
+    d, a, b, c = m.groups()
+    if b is None:  # plain minutes, or D-HH
+        minutes = int(a) * (60 if d else 1)
+    elif c is None:  # H:MM (Slurm reads MM:SS; a sweep's limit in seconds makes no sense)
+        minutes = int(a) * 60 + int(b)
+    else:
+        minutes = int(a) * 60 + int(b) + (1 if int(c) else 0)
+    minutes += int(d or 0) * 24 * 60
+    if minutes <= 0:
+        raise click.BadParameter(f"{value!r}; accepted: a positive time limit")
+    return minutes
+
+
+@cli.command("sweep")
+@_run_options(sweep=True)
+@click.option("--launcher", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: here (one run after another, or --parallel runs at once, one per GPU); slurm: job arrays "
+                   "submitted with submitit.")
+@click.option("--gpus-per-run", type=int, default=1, show_default=True, callback=_positive_int,
+              help="GPUs (DDP processes) per run: a job starts this many tasks forming one DDP group.")
+@click.option("--parallel", type=int, callback=_positive_int,
+              help="local: runs at once (default: visible GPUs // --gpus-per-run, at least 1).")
+@click.option("--partition", help="slurm: the partition.")
+@click.option("--time", "time_min", default="24:00:00", show_default=True, callback=_minutes,
+              help="slurm: time limit per job (minutes, H:MM:SS, D-HH:MM:SS); a job that runs out is requeued and "
+                   "resumes from its last checkpoint.")
+@click.option("--array-parallelism", type=int, default=64, show_default=True, callback=_positive_int,
+              help="slurm: jobs of an array running at once.")
+@click.option("--cpus-per-task", type=int, callback=_positive_int, help="slurm: CPUs per task.")
+@click.option("--mem-gb", type=float, help="slurm: memory per node (GB).")
+@click.option("--account", help="slurm: the account.")
+@click.option("--qos", help="slurm: the QOS.")
+@click.option("--constraint", help="slurm: node features (e.g. a100|h100).")
+@click.option("--slurm-arg", "slurm_args", multiple=True, metavar="KEY=VALUE",
+              help="slurm: any other sbatch option (repeatable), e.g. --slurm-arg exclude=node12.")
+@click.option("--cluster", type=click.Choice(["slurm", "local", "debug"]), default="slurm", show_default=True,
+              help="slurm: submitit's executor — the cluster itself, or its stand-ins that run here (local: "
+                   "processes, debug: this process) to rehearse a sweep without a cluster.")
+@click.option("--dry-run", is_flag=True, help="Show every run and its state (done / running / todo); launch nothing.")
+@click.option("--wait", is_flag=True, help="slurm / parallel local: wait until every launched job has finished.")
+def sweep_cmd(launcher, gpus_per_run, parallel, partition, time_min, array_parallelism, cpus_per_task, mem_gb,
+              account, qos, constraint, slurm_args, cluster, dry_run, wait, quiet, **opts) -> None:
+    """Expand methods × datasets × architectures × seeds × --set grids into runs and launch what is neither done
+    nor running.
+
+    \b
+    bench sweep --methods natural,pgd-at,afd,arrest --dataset cifar10,cifar100 --seeds 0-2 --preset paper \\
+        --data-dir cifar10=/data/c10 --data-dir cifar100=/data/c100 --launcher slurm --partition gpu --time 8:00:00
+    bench sweep ... --set afd.gamma=5,25,50 --launcher local --parallel 4     # 4 runs at once, one per GPU
+    bench sweep ... --dry-run                                                 # what would run, and what is done
+
+    \b
+    Launchers:
+      local   in this process, one run after another (like bench run); with --parallel K (default: one per visible
+              GPU) K submitit local jobs, each pinned to its GPU(s) and running its share of the runs in turn.
+      slurm   submitit job arrays: the base runs that fine-tuning methods start from first, then one job per run
+              with --dependency=afterok on them. --partition, --time, --gpus-per-run, --array-parallelism,
+              --account, --qos, --constraint, --cpus-per-task, --mem-gb, --slurm-arg KEY=VALUE. Jobs are
+              checkpointable: on preemption or time-out Slurm requeues them and each run resumes from its last
+              checkpoint.
+
+    Every run is exactly the run `bench run` makes (same directory and hash). Launching again launches only what is
+    neither done nor running: done runs are skipped, runs locked by a live process or held by a pending or running
+    job of an earlier launch (RESULTS/sweeps/jobs.json) too.
+    """
+    from .runner import format_table, summary_rows
+    from .sweep import LaunchOptions, SweepSpec, describe, launch, make_plan, parse_data_dirs
+
+    datasets = _csv(opts["dataset"]) or [None]
+    archs = _csv(opts["arch"]) or [None]
+    data_dirs = parse_data_dirs(opts["data_dir"], datasets)
+    req = _request({**opts, "dataset": None, "arch": None, "data_dir": None})
+    req.world_size = gpus_per_run
+    extra = {}
+    for item in slurm_args:
+        if "=" not in item:
+            raise BenchError(f"malformed --slurm-arg {item!r}; accepted: KEY=VALUE (an sbatch option without --)")
+        k, v = item.split("=", 1)
+        extra[k.strip().lstrip("-")] = v
+    spec = SweepSpec(req, datasets, archs, data_dirs)
+    sp = make_plan(spec)
+    c = sp.counts()
+    click.echo(f"sweep: {len(sp.units)} run(s): {c['done']} done, {c['running']} running, {c['todo']} to launch"
+               + (f" (+ {len(sp.bases)} base run(s) first)" if sp.bases else ""))
+    if dry_run:
+        for line in describe(sp):
+            click.echo("  " + line)
+        return
+    opts_l = LaunchOptions(launcher=launcher, cluster=cluster, gpus_per_run=gpus_per_run, parallel=parallel,
+                           partition=partition, time_min=time_min, array_parallelism=array_parallelism,
+                           cpus_per_task=cpus_per_task, mem_gb=mem_gb, account=account, qos=qos,
+                           constraint=constraint, slurm_args=extra, wait=wait)
+    out = launch(spec, opts_l, sp, echo=click.echo, quiet=quiet)
+    if out.ran:
+        from .records import RunDir
+
+        names = {u.name: u for u in sp.units}
+        click.echo(format_table(summary_rows([RunDir.for_config(names[n].cfg) for n in out.ran if n in names])))
 
 
 def _check_results_dir(path: str) -> None:
@@ -335,7 +493,8 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except BenchError as e:
-        click.echo(f"error: {e}", err=True)
+        rank = int(os.environ.get("RANK", "0") or 0)
+        click.echo(f"error{f' (rank {rank})' if rank else ''}: {e}", err=True)
         sys.exit(2)
     except click.UsageError as e:  # bad flag or flag value: one line, like every other input error
         if type(e).__name__ == "NoArgsIsHelpError":  # plain `bench`: the help, as click shows it

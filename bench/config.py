@@ -301,6 +301,9 @@ class RunConfig:
     # the last `holdout` images of every class are kept out of training (set on the PGD-AT base of RiFT, so that
     # RiFT's held-out slice is unseen by its starting model too); part of the identity only when set
     holdout: int | None = None
+    # under data parallelism without synchronised BatchNorm: the number of ranks whose batches BN normalises
+    # separately (the trained weights depend on it); None whenever BN sees the whole global batch, as on one process
+    bn_ranks: int | None = None
     # below: how to run, not what is run (not part of the run's identity)
     device: str = "cpu"
     channels_last: bool = False
@@ -308,10 +311,12 @@ class RunConfig:
     data_dir: str | None = None
     results_dir: str = "results"
     download: bool = False
+    world_size: int = 1  # processes training the run (DDP); with sync_bn the run is the same as on one process
+    sync_bn: bool = True
 
     IDENTITY = ("method", "dataset", "arch", "seed", "hp", "subset", "normalize", "precision", "pretrained")
 
-    OPTIONAL_IDENTITY = ("holdout",)  # in the identity only when set: older runs keep their hashes
+    OPTIONAL_IDENTITY = ("holdout", "bn_ranks")  # in the identity only when set: older runs keep their hashes
 
     def identity(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.IDENTITY}

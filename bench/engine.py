@@ -7,6 +7,12 @@ images/s, peak GPU memory and the feature gap (METHODS-consistent probe, AFD Fig
 writes a checkpoint (model, EMA, optimisers, method state, metrics) as safetensors. Shuffling, augmentation and the
 global RNG of epoch e are seeded from (seed, e), so a run resumed from its checkpoint after epoch e reaches the same
 weights bit for bit on a CPU as one that was never interrupted.
+
+Under data parallelism (``dist``, :mod:`bench.dist`) every rank runs this loop on its shard of each global batch;
+the engine converts BN to :class:`~bench.dist.SyncBatchNorm` (``sync_bn``), wraps the training forward in
+DistributedDataParallel for ``grad_sync = "ddp"`` methods, opens :meth:`Dist.step` around every ``train_step``,
+reduces the epoch's sums, checks after every epoch that all ranks hold the same parameters, and lets rank 0 alone
+probe, write records and checkpoints. Every rank resumes from rank 0's checkpoint.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from . import faults
 from .checkpoint import load_latest, save_state
 from .config import RunConfig
 from .data import Dataset
+from .dist import SINGLE, Dist, convert_sync_bn, rank_device, restore_bn
 from .errors import BenchError
 from .evaluate import device_name, evaluate, feature_gaps, finalize_checks
 from .loader import DeviceLoader, hash_seed
@@ -90,6 +97,17 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def run_device(cfg: RunConfig, dist: Dist = SINGLE) -> torch.device:
+    """The device this process trains and evaluates ``cfg`` on (one GPU per local rank under data parallelism)."""
+    return rank_device(cfg.device, dist.local_rank) if dist.enabled else resolve_device(cfg.device)
+
+
+def run_device_name(cfg: RunConfig, dist: Dist = SINGLE) -> str:
+    """The device as the records name it: ``2× NVIDIA H100 80GB HBM3 (DDP)`` for a run on several processes."""
+    name = device_name(run_device(cfg, dist))
+    return f"{dist.world}× {name} (DDP)" if dist.enabled else name
+
+
 def build_model(cfg: RunConfig, dataset: Dataset) -> nn.Module:
     mean_std = dataset.stats() if cfg.normalize else (None, None)
     return create_model(cfg.arch, dataset.num_classes, dataset.channels, *mean_std)
@@ -137,12 +155,12 @@ class Trainer:
     """Trains one run (``cfg``) in ``run`` on ``dataset``; see the module docstring."""
 
     def __init__(self, cfg: RunConfig, dataset: Dataset, run: RunDir, *, init_weights: str | Path | None = None,
-                 progress: bool = True, echo: Callable[[str], None] = print):
+                 progress: bool = True, echo: Callable[[str], None] = print, dist: Dist = SINGLE):
         from methods import get_method
 
-        self.cfg, self.dataset, self.run = cfg, dataset, run
-        self.progress, self.echo = progress, echo
-        self.device = resolve_device(cfg.device)
+        self.cfg, self.dataset, self.run, self.dist = cfg, dataset, run, dist
+        self.progress, self.echo = progress and dist.is_main, echo if dist.is_main else (lambda s: None)
+        self.device = run_device(cfg, dist)
         self.method_cls = get_method(cfg.method)
         hp = cfg.hp
         train = dataset.train.per_class(cfg.subset) if cfg.subset else dataset.train
@@ -158,7 +176,8 @@ class Trainer:
         spec = DATASETS.get(cfg.dataset)
         self.spec = spec
         self.loader = DeviceLoader(train, hp["batch_size"], self.device, seed=hash_seed(cfg.seed, 17),
-                                   pad=spec.crop_pad, flip=spec.flip, augment=self.method_cls.loader_augment)
+                                   pad=spec.crop_pad, flip=spec.flip, augment=self.method_cls.loader_augment,
+                                   dist=dist)
         self.train_split = train
         if len(self.loader) == 0:
             raise BenchError(f"the training split has {len(train)} images, fewer than one batch of "
@@ -175,14 +194,16 @@ class Trainer:
         model = model.to(self.device)
         if teacher is not None:
             teacher = teacher.to(self.device)
+        if dist.enabled and dist.sync_bn:
+            convert_sync_bn(model)  # same parameters and buffers: the state dict is unchanged
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         info = {"n": len(train), "shape": tuple(train.x.shape[1:]), "num_classes": dataset.num_classes,
                 "crop_pad": spec.crop_pad, "flip": spec.flip}
-        self.method = self.method_cls(hp, model, teacher, len(self.loader), info)
+        self.method = self.method_cls(hp, model, teacher, len(self.loader), info, dist=dist)
         trained = self.method.model  # may wrap the architecture (AFD adds D1, D2)
         if cfg.compile:
-            self.method.net = torch.compile(trained)
+            self.method.net = self.method.attack_net = torch.compile(trained)
         self.ema = EMA(trained, hp["ema"]["decay"], hp["ema"].get("warmup", True)) if hp.get("ema") else None
         probe = dataset.test.head(cfg.probe_n)
         self.probe_x = probe.x.to(self.device).float().div_(255)
@@ -201,6 +222,8 @@ class Trainer:
                 "metrics": self.metrics}
 
     def save_checkpoint(self, epochs_done: int) -> None:
+        if not self.dist.is_main:
+            return
         last, prev = self.ckpt_paths
         state = self.state(epochs_done)
         if last.exists():
@@ -221,7 +244,8 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.metrics = list(state["metrics"])
         self.start_epoch = int(state["epochs_done"])
-        self.run.write_metrics(self.metrics)
+        if self.dist.is_main:
+            self.run.write_metrics(self.metrics)
         if self.start_epoch:
             self.echo(f"[{self.tag}] resuming after epoch {self.start_epoch} from {path.name}")
         return self.start_epoch
@@ -248,7 +272,8 @@ class Trainer:
         if not self.metrics and self.probe_x.shape[0]:
             # epoch 0: the gap of the starting model (the left end of the paper's Fig. 1a curves)
             self.metrics.append({"epoch": 0, **self.probe()})
-            self.run.write_metrics(self.metrics)
+            self._write_metrics()
+        self._wrap_for_ddp()
         with sealed_test(self.dataset):
             self._epochs(end, epochs, amp)
             if self.start_epoch >= epochs or self.method.stopped:
@@ -256,9 +281,25 @@ class Trainer:
                 self.save_checkpoint(self.start_epoch)
                 self._write_method_record()
 
+    def _wrap_for_ddp(self) -> None:
+        """Under data parallelism: the training forward of a ``grad_sync = "ddp"`` method in DistributedDataParallel
+        (after the stage before training, which may choose the parameters that train: RiFT), compiled on top when
+        asked."""
+        if not self.dist.enabled or self.method.grad_sync != "ddp" or getattr(self, "_wrapped", False):
+            return
+        net = self.dist.wrap(self.method.model)
+        self.method.net = torch.compile(net) if self.cfg.compile else net
+        self._wrapped = True
+
+    def _write_metrics(self) -> None:
+        if self.dist.is_main:
+            self.run.write_metrics(self.metrics)
+
     def _write_method_record(self) -> None:
         from .fsutil import atomic_write_json
 
+        if not self.dist.is_main:
+            return
         rec = self.method.record()
         if rec:
             atomic_write_json(self.run.method_record, {"method": self.cfg.method, **rec})
@@ -266,7 +307,7 @@ class Trainer:
     def _epochs(self, end: int, epochs: int, amp: bool) -> None:
         from tqdm import tqdm
 
-        cfg, dev = self.cfg, self.device
+        cfg, dev, dist = self.cfg, self.device, self.dist
         for epoch in range(self.start_epoch, end):
             if self.method.stopped:  # the method ended training early (e.g. FGSM-RS early stopping)
                 break
@@ -288,12 +329,14 @@ class Trainer:
                 self.method.set_lr(lr)
                 if cfg.channels_last:
                     batch.x = batch.x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                with dist.step(batch.shard), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     out = self.method.train_step(batch, epoch, step)
                 if self.ema is not None:
                     self.ema.update(self.method.model)
                 for k, v in out.items():
                     v = v.detach().float()
+                    if dist.enabled and not k.endswith("_sum"):  # a mean over this rank's rows: weighted by share
+                        v = v * batch.shard.share
                     sums[k] = sums[k] + v if k in sums else v
                 if "loss" in out:
                     bad = ~torch.isfinite(out["loss"].detach())
@@ -302,9 +345,12 @@ class Trainer:
                 bar.update(1)
                 faults.point("step")
             bar.close()
+            if dist.enabled:
+                sums, images, first_bad = self._reduce_epoch(sums, images, first_bad)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             seconds = time.perf_counter() - t0
+            dist.check_same(self.method.model, f"{self.tag} epoch {epoch + 1}")
             if int(first_bad) >= 0:
                 raise BenchError(f"{self.tag}: the loss became NaN or inf at epoch {epoch + 1}, step "
                                  f"{int(first_bad) + 1}; training stopped, the last good checkpoint "
@@ -315,16 +361,28 @@ class Trainer:
             if dev.type == "cuda":
                 row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
             row.update(self.method.end_epoch(epoch))
-            if self.probe_x.shape[0]:
+            if self.probe_x.shape[0] and dist.is_main:
                 row.update(self.probe())
             self.metrics.append(row)
             self.start_epoch = epoch + 1
             self.save_checkpoint(epoch + 1)
-            self.run.write_metrics(self.metrics)
+            self._write_metrics()
+            dist.barrier()  # the epoch ends, on every rank, once rank 0 has its checkpoint on disk
             self.echo(self.format_row(row, epochs))
             if self.method.stopped:
                 self.echo(f"[{self.tag}] {self.cfg.method} stopped training after epoch {epoch + 1}")
             faults.point("epoch")
+
+    def _reduce_epoch(self, sums: dict[str, torch.Tensor], images: int,
+                      first_bad: torch.Tensor) -> tuple[dict[str, torch.Tensor], int, torch.Tensor]:
+        """The epoch's sums, image count and first non-finite step over all ranks (one all-reduce for the sums)."""
+        keys = sorted(sums)
+        packed = torch.stack([sums[k].reshape(()) for k in keys] + [torch.tensor(float(images), device=self.device)])
+        packed = self.dist.all_sum(packed)
+        big = torch.iinfo(torch.int64).max
+        bad = self.dist.all_min(torch.where(first_bad < 0, torch.full_like(first_bad, big), first_bad))
+        return ({k: packed[i] for i, k in enumerate(keys)}, int(packed[-1]),
+                torch.where(bad == big, torch.full_like(bad, -1), bad))
 
     def stage_context(self):
         from methods.base import StageContext
@@ -358,11 +416,12 @@ class Trainer:
         """Export the evaluated classifier and save it as ``ckpt/model.safetensors`` (plain weights)."""
         from .checkpoint import write_safetensors
 
-        model = self.method.export(self.evaluated_module()).to("cpu").float()
+        model = restore_bn(self.method.export(self.evaluated_module())).to("cpu").float()
         model = model.to(memory_format=torch.contiguous_format)
         meta = {"arch": self.cfg.arch, "num_classes": str(self.dataset.num_classes),
                 "channels": str(self.dataset.channels), "run": self.cfg.run_name, "method": self.cfg.method}
-        write_safetensors(self.run.final_weights, model.state_dict(), meta)
+        if self.dist.is_main:
+            write_safetensors(self.run.final_weights, model.state_dict(), meta)
         return model
 
 
@@ -371,19 +430,21 @@ def evaluate_heads(trainer: "Trainer", echo: Callable[[str], None] = print, prog
     model: the paper's Table 4), saved under ``heads`` in ``eval.json``."""
     from .fsutil import atomic_write_json
 
-    cfg, run = trainer.cfg, trainer.run
+    cfg, run, dist = trainer.cfg, trainer.run, trainer.dist
     heads = trainer.method.eval_heads(trainer.evaluated_module())
     if not heads:
         return
-    ev = run.read_eval() or {"results": {}, "meta": {}}
+    ev = dist.agree(run.read_eval()) or {"results": {}, "meta": {}}
     done = ev.setdefault("heads", {})
     attacks = [a for a in cfg.attacks if a != "aa"]
     for name, head in heads.items():
         if name in done or not attacks:
             continue
         res = evaluate(head, trainer.dataset.test, attacks, n=cfg.eval_n, device=trainer.device, seed=cfg.seed,
-                       batch_size=cfg.eval_batch_size, progress=progress, checks=False)
+                       batch_size=cfg.eval_batch_size, progress=progress and dist.is_main, checks=False, dist=dist)
         done[name] = res["results"]
+        if not dist.is_main:
+            continue
         atomic_write_json(run.eval, ev)
         echo(f"[{cfg.method} s{cfg.seed}] head {name}: " + ", ".join(
             f"{a} {r['acc']:.2f}%" for a, r in res["results"].items() if a != "worst"))
@@ -399,7 +460,7 @@ def record_tsne(trainer: "Trainer", echo: Callable[[str], None] = print, n: int 
     module = trainer.evaluated_module()
     feats = trainer.method.tsne_features(module)
     path = trainer.run.path / "tsne.json"
-    if not feats or path.exists():
+    if not feats or path.exists() or not trainer.dist.is_main:
         return
     cfg = trainer.cfg
     n = n or min(cfg.eval_n or 1000, 1000)
@@ -412,17 +473,19 @@ def record_tsne(trainer: "Trainer", echo: Callable[[str], None] = print, n: int 
 
 
 def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module | None = None,
-                 progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+                 progress: bool = True, echo: Callable[[str], None] = print, dist: Dist = SINGLE) -> dict:
     """Evaluate the run's final model with the attacks it lacks; merges into ``eval.json`` after each group of
     attacks (clean and PGD-20 on ``eval_n`` images, AutoAttack on ``aa_n``), so an interrupted evaluation keeps
-    what it finished."""
+    what it finished. Under data parallelism the ranks share the test set; rank 0 writes."""
     from .fsutil import atomic_write_json
 
     if model is None:
         model = build_model(cfg, dataset)
         load_weights(model, run.final_weights)
-    device = resolve_device(cfg.device)
-    existing = run.read_eval() or {"results": {}, "meta": {}}
+    device = run_device(cfg, dist)
+    if not dist.is_main:
+        progress, echo = False, (lambda s: None)
+    existing = dist.agree(run.read_eval()) or {"results": {}, "meta": {}}
     groups: dict[int | None, list[str]] = {}
     for a in cfg.attacks:
         if a not in existing["results"]:
@@ -430,14 +493,15 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
     for n, attacks in groups.items():
         res = evaluate(model, dataset.test, attacks, n=n, device=device, seed=cfg.seed,
                        batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state", progress=progress,
-                       checks="deterministic" not in existing.get("checks", {}), aa_chunk=cfg.aa_chunk)
+                       checks="deterministic" not in existing.get("checks", {}), aa_chunk=cfg.aa_chunk, dist=dist)
         existing["results"].update(res["results"])
         existing["checks"] = {**existing.get("checks", {}), **res["checks"]}
         finalize_checks(existing)
         existing["meta"] = res["meta"]
         existing["meta"]["protocol"] = ("METHODS.md §15.1: clean, PGD-20 (step 0.003, 1 random start), "
                                         "AutoAttack standard")
-        atomic_write_json(run.eval, existing)
+        if dist.is_main:
+            atomic_write_json(run.eval, existing)
         for a in attacks:
             r = res["results"][a]
             echo(f"[{cfg.method} s{cfg.seed}] {a}: {r['acc']:.2f}% ({r['correct']}/{r['n']}, {r['seconds']:.1f}s)")
@@ -446,4 +510,5 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
     return existing
 
 
-__all__ = ["EMA", "Trainer", "evaluate_run", "resolve_device", "build_model", "device_name"]
+__all__ = ["EMA", "Trainer", "evaluate_run", "resolve_device", "run_device", "run_device_name", "build_model",
+           "device_name"]

@@ -9,7 +9,9 @@
 
 on the first ``n`` test images (the full test set by default). Each number is stored with its n, seed, device,
 dtype and package versions. The PGD random starts come from a generator seeded by (seed, batch), so the same model
-gives the same numbers every time.
+gives the same numbers every time — also when the test set is shared by several processes (``dist``): rank r
+attacks the batches b ≡ r (mod world) and AutoAttack's chunks likewise, and the per-point results are gathered, so
+the record is the one a single process writes.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from . import faults
 from .attacks import assert_eval, autoattack, bn_mode, pgd
 from .checkpoint import tensor_digest
 from .data import Split
+from .dist import SINGLE, Dist
 from .errors import BenchError
 from .loader import hash_seed
 
@@ -143,7 +146,7 @@ def finalize_checks(record: dict) -> dict:
 def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int | None = None, eps: float = EPS,
              batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
              state_dir: str | Path | None = None, progress: bool = True, aa_chunk: int = 1000,
-             checks: bool = True, check_n: int = 64) -> dict:
+             checks: bool = True, check_n: int = 64, dist: Dist = SINGLE) -> dict:
     """Evaluate ``model`` on the first ``n`` images of ``split`` under ``attacks``; returns the eval record.
 
     With ``checks``, :func:`model_checks` run on the first ``check_n`` images, and :func:`finalize_checks` adds the
@@ -166,6 +169,8 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
     results: dict[str, dict] = {}
     meta = {"n": n, "seed": seed, "eps": eps, "device": device_name(device), "dtype": "float32",
             "weights_sha256": digest, "versions": environment()}
+    if dist.enabled:
+        meta["ranks"] = dist.world
     for name in attacks:
         t0 = time.perf_counter()
         extra: dict = {}
@@ -175,7 +180,7 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
                 key = f"{digest}|{eps}|{seed}|standard|{n}"
                 flags, warnings_ = autoattack(model, x_all, y_all, eps=eps, batch_size=batch_size, seed=seed,
                                               state_dir=state_dir, state_key=key, progress=bar.update,
-                                              chunk=aa_chunk)
+                                              chunk=aa_chunk, dist=dist)
                 bar.close()
                 correct = flags.to(device)
                 extra = {"version": "standard", "flags": warnings_}
@@ -185,12 +190,16 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
                 batches = range(0, n, batch_size)
                 for bi, i in enumerate(tqdm(batches, desc=name, unit="batch", leave=False,
                                             disable=not progress or None)):
+                    if bi % dist.world != dist.rank:
+                        continue  # another rank's batch
                     xb, yb = x_all[i:i + batch_size], y_all[i:i + batch_size]
                     if spec.steps:
                         gen = torch.Generator(device=device).manual_seed(hash_seed(seed, bi))
                         xb = pgd(model, xb, yb, eps=eps, step=spec.step, steps=spec.steps, random_start=True,
                                  bn="eval", generator=gen)
                     correct[i:i + batch_size] = predict(model, xb) == yb
+                if dist.enabled:  # every point was attacked by exactly one rank
+                    correct = dist.all_sum(correct.to(torch.int32)) > 0
                 if spec.steps:
                     extra = {"steps": spec.steps, "step": spec.step, "restarts": 1, "random_start": "uniform"}
         assert_eval(model)  # no attack may leave the model in train mode

@@ -4,16 +4,24 @@ work happens in the training loop.
 
 Shuffling and augmentation of epoch ``e`` are drawn from a generator seeded by (seed, e), so they depend only on
 the run's seed and the epoch: a resumed run sees exactly the batches the interrupted one would have seen.
+
+Under data parallelism (``dist``, see :mod:`bench.dist`) every rank draws the same permutation and the same crop /
+flip numbers for the whole global batch and keeps its own rows of it; the split stays in host memory and each epoch
+a rank copies only its shard (its rows of every batch of that epoch) to its device. A rank therefore sees exactly
+the images, crops and flips it would see as part of the batch on one process.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .data import Split
+
+if TYPE_CHECKING:
+    from .dist import Dist, Shard
 
 
 @dataclass
@@ -21,6 +29,14 @@ class Batch:
     x: torch.Tensor  # float in [0, 1], (B, C, H, W)
     y: torch.Tensor  # int64 (B,)
     idx: torch.Tensor  # int64 (B,): indices into the split (for methods with per-example state)
+    # under data parallelism: this rank's rows of the global batch, and the split indices of the whole global batch
+    shard: "Shard | None" = None
+    global_idx: torch.Tensor | None = None
+
+    @property
+    def all_idx(self) -> torch.Tensor:
+        """Split indices of the whole global batch (``idx`` on one process)."""
+        return self.idx if self.global_idx is None else self.global_idx
 
 
 def window_index(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, ...]:
@@ -35,21 +51,23 @@ def window_index(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True,
-            padding_mode: str = "constant") -> torch.Tensor:
+            padding_mode: str = "constant", rows: "Shard | None" = None) -> torch.Tensor:
     """Random crop of ``pad``-padded images back to their size, and random horizontal flip, per image.
 
     Works on uint8 or float tensors of shape (B, C, H, W) on any device; randomness comes from ``gen`` (a CPU
-    generator) so the result does not depend on the device.
+    generator) so the result does not depend on the device. ``rows``: ``x`` holds these rows of a larger batch;
+    the numbers are drawn for the whole batch and the rows' own are used.
     """
     b, _, h, w = x.shape
+    total, sel = (b, slice(None)) if rows is None else (rows.total, rows.rows)
     if pad > 0:
         xp = F.pad(x.float() if padding_mode != "constant" else x, (pad, pad, pad, pad), mode=padding_mode)
         xp = xp.to(x.dtype)
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+        oy = torch.randint(0, 2 * pad + 1, (total,), generator=gen)[sel].to(x.device)
+        ox = torch.randint(0, 2 * pad + 1, (total,), generator=gen)[sel].to(x.device)
         x = xp[window_index(xp, oy, ox, h, w)]
     if flip:
-        f = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        f = (torch.rand(total, generator=gen)[sel] < 0.5).to(x.device)
         x = torch.where(f[:, None, None, None], x.flip(3), x)
     return x
 
@@ -59,11 +77,19 @@ class DeviceLoader:
 
     def __init__(self, split: Split, batch_size: int, device: torch.device | str = "cpu", *, shuffle: bool = True,
                  augment: bool = True, pad: int = 4, flip: bool = True, padding_mode: str = "constant",
-                 seed: int = 0, drop_last: bool = False):
-        self.x = split.x.to(device)
-        self.y = split.y.to(device)
-        self.batch_size = batch_size
+                 seed: int = 0, drop_last: bool = False, dist: "Dist | None" = None):
+        from .dist import SINGLE
+
+        self.dist = dist if dist is not None else SINGLE
         self.device = torch.device(device)
+        if self.dist.enabled:  # the split stays on the host; each epoch this rank's shard goes to the device
+            self.x, self.y = split.x, split.y
+            if self.device.type == "cuda":
+                self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
+        else:
+            self.x = split.x.to(device)
+            self.y = split.y.to(device)
+        self.batch_size = batch_size
         self.shuffle, self.augment, self.pad, self.flip = shuffle, augment, pad, flip
         self.padding_mode = padding_mode
         self.seed = seed
@@ -72,16 +98,23 @@ class DeviceLoader:
     def __len__(self) -> int:
         n = self.y.shape[0]
         full, rest = divmod(n, self.batch_size)
-        # a last batch of one image would break BatchNorm in train mode: it is dropped
-        return full + (1 if rest > 1 and not self.drop_last else 0)
+        # a last batch of one image would break BatchNorm in train mode: it is dropped; under data parallelism, one
+        # that cannot give every rank an image (with synchronised BN) or two (per-rank BN)
+        w = self.dist.world
+        least = 2 if w == 1 else (w if self.dist.sync_bn else 2 * w)
+        return full + (1 if rest >= least and not self.drop_last else 0)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch``, from ``start_step`` on (for resuming inside an epoch)."""
         gen = torch.Generator().manual_seed(hash_seed(self.seed, epoch))
         n = self.y.shape[0]
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        steps = range(len(self))
+        if self.dist.enabled:
+            yield from self._sharded(order, gen, start_step)
+            return
         order = order.to(self.device)
-        for step in range(len(self)):
+        for step in steps:
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             xb = self.x[idx]
             if self.augment:
@@ -89,6 +122,26 @@ class DeviceLoader:
             if step < start_step:
                 continue  # the generator still advances, so later steps draw the same numbers
             yield Batch(xb.float().div_(255), self.y[idx], idx)
+
+    def _sharded(self, order: torch.Tensor, gen: torch.Generator, start_step: int) -> Iterator[Batch]:
+        """This rank's rows of every global batch: the epoch's shard is gathered on the host and copied to the
+        device once; crops and flips are drawn for the whole global batch."""
+        bs, steps = self.batch_size, len(self)
+        batches = [order[s * bs:(s + 1) * bs] for s in range(steps)]
+        shards = [self.dist.shard(len(b)) for b in batches]
+        local = torch.cat([b[s.rows] for b, s in zip(batches, shards)]) if batches else order[:0]
+        x_dev = self.x[local].to(self.device, non_blocking=True)
+        y_dev = self.y[local].to(self.device, non_blocking=True)
+        local_dev = local.to(self.device)
+        at = 0
+        for step, (b, s) in enumerate(zip(batches, shards)):
+            xb, yb, ib = x_dev[at:at + s.size], y_dev[at:at + s.size], local_dev[at:at + s.size]
+            at += s.size
+            if self.augment:
+                xb = augment(xb, gen, self.pad, self.flip, self.padding_mode, rows=s)
+            if step < start_step:
+                continue
+            yield Batch(xb.float().div_(255), yb, ib, shard=s, global_idx=b.to(self.device))
 
 
 def hash_seed(*parts: int) -> int:

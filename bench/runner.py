@@ -9,7 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import (PRECISIONS, Grid, RunConfig, check_sets, expand_grid, load_preset, method_run_setting,
                      parse_seeds, parse_sets, resolve_hp)
@@ -18,6 +18,9 @@ from .errors import BenchError, choice_error
 from .evaluate import parse_attacks
 from .models import MODELS
 from .records import RunDir
+
+if TYPE_CHECKING:
+    from .dist import Dist
 
 STARTING_METHOD = {"natural": "natural", "adversarial": "pgd-at"}
 
@@ -50,6 +53,8 @@ class RunRequest:
     pretrained: str | None = None
     results_dir: str = "results"
     download: bool = False
+    world_size: int = 1  # processes of a data-parallel run (torchrun / --nproc)
+    sync_bn: bool = True  # under data parallelism: BatchNorm over the global batch
 
 
 def _pick(flag, preset_run: dict, key: str, default):
@@ -150,7 +155,9 @@ def plan(req: RunRequest) -> list[Planned]:
                   normalize=bool(_pick(req.normalize, run, "normalize", False)),
                   channels_last=bool(_pick(req.channels_last, run, "channels_last", False)),
                   compile=bool(_pick(req.compile, run, "compile", False)), device=req.device,
-                  data_dir=req.data_dir, results_dir=req.results_dir, download=req.download, **ints)
+                  data_dir=req.data_dir, results_dir=req.results_dir, download=req.download,
+                  world_size=req.world_size, sync_bn=req.sync_bn,
+                  bn_ranks=req.world_size if req.world_size > 1 and not req.sync_bn else None, **ints)
     def settings(method: str) -> dict:
         """``common`` with the method's own subset: --subset, else the preset's [method.<name>] / [method."*"] /
         [run] value."""
@@ -189,9 +196,28 @@ def plan(req: RunRequest) -> list[Planned]:
     return configs
 
 
+def completion(cfg: RunConfig, run: RunDir) -> str:
+    """``complete`` (done, every evaluation asked for is there), ``evaluate`` (done, evaluations missing) or
+    ``train`` (new or partial)."""
+    if not run.is_done():
+        return "train"
+    ev = run.read_eval() or {"results": {}}
+    if all(a in ev["results"] for a in cfg.attacks) and not Runner._tsne_missing(cfg, run):
+        return "complete"
+    return "evaluate"
+
+
 class Runner:
-    def __init__(self, progress: bool = True, echo: Callable[[str], None] = print):
-        self.progress, self.echo = progress, echo
+    """Executes planned runs in this process — or, under data parallelism (``dist``), in every process of the group
+    together: all ranks train and evaluate each run, rank 0 alone writes its records, and every decision that
+    depends on what is on disk is rank 0's (:meth:`bench.dist.Dist.agree`)."""
+
+    def __init__(self, progress: bool = True, echo: Callable[[str], None] = print, dist: "Dist | None" = None):
+        from .dist import SINGLE
+
+        self.dist = dist if dist is not None else SINGLE
+        self.progress = progress and self.dist.is_main
+        self.echo = echo if self.dist.is_main else (lambda s: None)
         self._data: dict[tuple, Dataset] = {}
 
     def dataset(self, cfg: RunConfig) -> Dataset:
@@ -204,11 +230,14 @@ class Runner:
         """Train (or resume) and evaluate one run, after its starting model ``base``; a finished run only gets
         the evaluations it lacks. ``grid``: the grid of ``--set`` values the run is a point of (recorded in its
         ``grids.json``; a run may belong to several grids)."""
-        from .engine import Trainer, evaluate_heads, evaluate_run, record_tsne, resolve_device
-        from .evaluate import device_name
+        import contextlib
 
+        from .engine import Trainer, evaluate_heads, evaluate_run, record_tsne, run_device_name
+
+        d = self.dist
         if base is not None:
             base_run = RunDir.for_config(base)
+            self._wait_while_locked(base_run, f"[{cfg.method} s{cfg.seed}] needs the {base.method} model")
             if not base_run.is_done():
                 self.echo(f"[{cfg.method} s{cfg.seed}] needs the {base.method} model {base.run_name}: training it "
                           "first")
@@ -218,35 +247,50 @@ class Runner:
                                  f"({base_run.final_weights}, never in git) are not here; pass --pretrained PATH "
                                  "or delete that run directory to train it again")
         run = RunDir.for_config(cfg)
-        device = resolve_device(cfg.device)
-        if grid:
+        device = run_device_name(cfg, d)
+        if grid and d.is_main:
             run.add_grid(grid)
-        if run.is_done():
-            ev = run.read_eval() or {"results": {}}
-            if all(a in ev["results"] for a in cfg.attacks) and not self._tsne_missing(cfg, run):
-                self.echo(f"[{cfg.method} s{cfg.seed}] already done: {run.path}")
-                return run
+        if d.agree(completion(cfg, run)) == "complete":
+            self.echo(f"[{cfg.method} s{cfg.seed}] already done: {run.path}")
+            return run
         dataset = self.dataset(cfg)
-        with run.lock.hold():
-            run.remove_stale_temporaries()
-            if not run.config.is_file():
-                run.write_config(cfg, device_name(device))
-            if run.is_done():
-                evaluate_run(cfg, dataset, run, progress=self.progress, echo=self.echo)
-                self._backfill_tsne(cfg, dataset, run)
+        with run.lock.hold() if d.is_main else contextlib.nullcontext():
+            if d.is_main:
+                run.remove_stale_temporaries()
+                if not run.config.is_file():
+                    run.write_config(cfg, device)
+            if d.agree(run.is_done()):  # (finished by another process while this one waited)
+                evaluate_run(cfg, dataset, run, progress=self.progress, echo=self.echo, dist=d)
+                if d.is_main:
+                    self._backfill_tsne(cfg, dataset, run)
+                d.barrier()
                 return run
             trainer = Trainer(cfg, dataset, run, init_weights=cfg.pretrained_path, progress=self.progress,
-                              echo=self.echo)
+                              echo=self.echo, dist=d)
             trainer.resume()
             trainer.train()
             model = trainer.export()
             self.echo(f"[{cfg.method} s{cfg.seed}] evaluating: {', '.join(cfg.attacks)}")
-            evaluate_run(cfg, dataset, run, model, progress=self.progress, echo=self.echo)
+            evaluate_run(cfg, dataset, run, model, progress=self.progress, echo=self.echo, dist=d)
             evaluate_heads(trainer, echo=self.echo, progress=self.progress)
             record_tsne(trainer, echo=self.echo)
-            run.mark_done()
+            if d.is_main:
+                run.mark_done()
+            d.barrier()  # the other ranks go on only once rank 0 has written everything (a later run loads it)
         return run
 
+    def _wait_while_locked(self, run: RunDir, what: str, poll_s: float = 10.0) -> None:
+        """Wait while another live process holds ``run`` (e.g. a sweep job training a base run several runs need),
+        then go on: it is done, or this process takes it over."""
+        import time
+
+        if self.dist.is_main and run.lock.is_held_by_other():
+            holder = run.lock.holder()
+            self.echo(f"{what} {run.name}, which process {holder[1] if holder else '?'} on "
+                      f"{holder[0] if holder else '?'} is training: waiting for it")
+            while run.lock.is_held_by_other():
+                time.sleep(poll_s)
+        self.dist.barrier()
 
     @staticmethod
     def _tsne_missing(cfg: RunConfig, run: RunDir) -> bool:
@@ -266,6 +310,17 @@ class Runner:
         trainer = Trainer(cfg, dataset, run, init_weights=cfg.pretrained_path, progress=False, echo=self.echo)
         trainer.resume()
         record_tsne(trainer, echo=self.echo)
+
+
+def execute_planned(planned: list[Planned], *, dist: "Dist | None" = None, progress: bool = True,
+                    echo: Callable[[str], None] = print) -> list[RunDir]:
+    """Execute planned runs in order (each after its starting model) in this process or process group."""
+    runner = Runner(progress=progress, echo=echo, dist=dist)
+    done = []
+    for p in planned:
+        runner.execute(p.cfg, p.base, p.grid)
+        done.append(RunDir.for_config(p.cfg))
+    return done
 
 
 def summary_rows(runs: list[RunDir]) -> list[dict[str, Any]]:

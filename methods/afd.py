@@ -28,6 +28,9 @@ O  (θ₁)            G₁|ω + G₂ + wd·θ_t + G₃         G₃
 (each optimiser adds its own weight decay wd·θ on top; the extra wd·θ_t of the code-faithful O step is O₂'s weight
 decay that old PyTorch left in the accumulated gradient: see ``AFD.apply``.)
 
+Under data parallelism (bench.dist) G₁, G₂, G₃ are reduced across ranks (weighted by each rank's share of the global
+batch) in one all-reduce before the three steps, so every rank steps with the global-batch gradients.
+
 (The authors' code backpropagates αL₁, βL₂, L₃ in turn with accumulating gradients and steps after each — which
 modern PyTorch refuses, METHODS §14.4 / §17 #4; computing all three at θ_t reproduces it up to second order in lr.)
 EMA of every parameter and buffer with decay min(0.999, (t+1)/(t+10)); the EMA copy is what is evaluated.
@@ -41,6 +44,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bench.dist import seed_loss
 
 from .afkd import angular_distance
 from .base import Method, register_method
@@ -137,12 +142,13 @@ class AFD(Method):
     paper = "METHODS.md §14, code-faithful update of §14.4 (Zhou et al. 2025, Algorithm 1 as the code runs it)"
     attack_bn = "eval"
     literal = False
+    grad_sync = "manual"  # the three gradients come from torch.autograd.grad: reduced in train_step, not by DDP
     defaults = {**AFT_DEFAULTS, "attack_step": 0.007, "alpha": 0.05, "beta": 0.25, "gamma": 25.0,
                 "ema": {"decay": 0.999, "warmup": True}}
 
     def setup(self) -> None:
         self.model = Disentangled(self.model)
-        self.net = self.model
+        self.net = self.attack_net = self.model
         self.theta2 = [self.model.d2.weight]
         self.theta1 = [p for p in self.model.parameters() if p is not self.model.d2.weight]
         self.omega = self.model.omega()
@@ -166,9 +172,9 @@ class AFD(Method):
     def gradients(self, L: dict[str, torch.Tensor]) -> tuple[list, list, list]:
         """(G₁ on [D₂] + ω, G₂ on θ₁, G₃ on θ₁), all at θ_t."""
         hp = self.hp
-        g1 = _grads(hp["alpha"] * L["l1"], self.theta2 + self.omega)
-        g2 = _grads(hp["beta"] * L["l2"], self.theta1)
-        g3 = _grads(L["l3"], self.theta1)
+        g1 = _grads(seed_loss(hp["alpha"] * L["l1"]), self.theta2 + self.omega)
+        g2 = _grads(seed_loss(hp["beta"] * L["l2"]), self.theta1)
+        g3 = _grads(seed_loss(L["l3"]), self.theta1)
         return g1, g2, g3
 
     def apply(self, g1: list, g2: list, g3: list) -> None:
@@ -200,6 +206,8 @@ class AFD(Method):
         x_adv = self.pgd_attack(batch.x, batch.y)  # through ω·D₁·g, student in eval mode
         L = self.losses(x_adv, batch.x, batch.y)
         g1, g2, g3 = self.gradients(L)
+        # under data parallelism: every G becomes the global-batch gradient before any of the three steps
+        self.dist.reduce_grads_([*g1, *g2, *g3])
         self.apply(g1, g2, g3)
         hp = self.hp
         total = hp["alpha"] * L["l1"] + hp["beta"] * L["l2"] + L["l3"]

@@ -38,8 +38,7 @@ class AFKD(VAFT):
     def fine_tune(self, x_in: torch.Tensor, x_clean: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One SGD step on CE(f(x_in)) + w·D_ang(g_F(x_in), sg g_P(x_clean)); student in train mode."""
         t = self.teacher_features(x_clean)
-        h = self.model.features(x_in)
-        logits = self.model.fc(h)
+        logits, h = self.net(x_in, with_features=True)
         ce = F.cross_entropy(logits, y)
         align = angular_distance(h, t)
         loss = ce + self.hp[self.weight_key] * align

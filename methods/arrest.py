@@ -40,7 +40,7 @@ class ARREST(AFKD):
         decides whether the 10-step attack runs at all."""
         if epoch + 1 > self.hp["replay_epochs"]:
             return False, None
-        d = self.representation_shift(x)
+        d = self.dist.batch_mean(self.representation_shift(x))  # of the global batch: one decision on every rank
         return bool(d >= 1.0 - math.cos(math.radians(self.hp["theta"]))), d
 
     def train_step(self, batch, epoch, step):

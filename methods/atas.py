@@ -28,6 +28,10 @@ The official models normalise their input with ImageNet mean/std inside the netw
 normalisation (Decision 1: inputs in [0, 1], normalisation inside the model only with ``--normalize``, then with the
 dataset's own statistics). Since c = 0.01 compares against ‖∇ₓ‖ in input units, the adaptive step is not
 scale-free: with normalisation every ‖∇ₓ‖ grows by about 1/std ≈ 4.4, shifting η towards its lower bound.
+
+Under data parallelism (bench.dist) the crops and flips are those of the global batch, the input gradient is that of
+the global-batch mean CE (``input_grad`` seeds the loss with the rank's share of the batch: ‖∇ₓ‖ sets η), and after
+every step the updated rows of δ and v of the whole global batch are gathered and written on every rank.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import input_grad
+from bench.dist import per_example
 from bench.errors import BenchError
 from bench.loader import window_index
 
@@ -123,20 +128,24 @@ class ATAS(Method):
         self.step_count = 0
 
     def transform(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One crop offset and flip per example (global RNG, on the CPU so results do not depend on the device)."""
+        """One crop offset and flip per example (global RNG, on the CPU so results do not depend on the device;
+        drawn for the whole global batch under data parallelism)."""
         p = self.pad
-        oy = torch.randint(0, 2 * p + 1, (b,)).to(device)
-        ox = torch.randint(0, 2 * p + 1, (b,)).to(device)
-        flip = (torch.rand(b) < 0.5).to(device) if self.flip else torch.zeros(b, dtype=torch.bool, device=device)
+        oy = per_example(lambda m: torch.randint(0, 2 * p + 1, (m,)), b).to(device)
+        ox = per_example(lambda m: torch.randint(0, 2 * p + 1, (m,)), b).to(device)
+        flip = (per_example(lambda m: torch.rand(m), b) < 0.5).to(device) if self.flip else \
+            torch.zeros(b, dtype=torch.bool, device=device)
         return oy, ox, flip
 
-    def step_sizes(self, g: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
-        """η_i per example; updates v_i after the warm-up."""
+    def step_sizes(self, g: torch.Tensor, idx: torch.Tensor, epoch: int,
+                   all_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """η_i per example; updates v_i after the warm-up (``all_idx``: the indices of the whole global batch under
+        data parallelism, whose rows every rank writes)."""
         hp = self.hp
         if epoch + 1 <= hp["warmup_epochs"]:
             return torch.full((g.shape[0],), float(hp["eps"]), device=g.device)
         v = g.flatten(1).float().norm(dim=1).pow(2) * (1 - hp["beta_m"]) + self.gdnorm[idx] * hp["beta_m"]
-        self.gdnorm[idx] = v
+        self.gdnorm[idx if all_idx is None else all_idx] = self.dist.gather_rows(v)
         eta = hp["step_numerator"] / (1 + v.sqrt() / hp["c"])
         return eta.clamp(hp["min_step"], hp["max_step"])
 
@@ -150,8 +159,8 @@ class ATAS(Method):
             d_aug = crop_flip(self.delta[idx], oy, ox, flip, h, w)
             x_init = (x_aug + d_aug).clamp(0.0, 1.0)
         self.model.eval()
-        g, _ = input_grad(self.net, x_init, y)
-        eta = self.step_sizes(g, idx, epoch)
+        g, _ = input_grad(self.attack_net, x_init, y)  # seeded: ‖g_i‖ is the single-process one on a shard
+        eta = self.step_sizes(g, idx, epoch, batch.all_idx)
         with torch.no_grad():
             x_adv = x_init + eta[:, None, None, None] * g.sign()
             x_adv = torch.min(torch.max(x_adv, x_aug - eps), x_aug + eps).clamp_(0.0, 1.0)
@@ -162,11 +171,14 @@ class ATAS(Method):
         with torch.no_grad():
             rows = self.delta[idx]
             uncrop_flip_(rows, x_adv - x_aug, oy, ox, flip)
-            self.delta[idx] = rows
+            # under data parallelism every rank writes the rows of the whole global batch (gathered), so the
+            # per-example state stays whole and equal on every rank
+            self.delta[batch.all_idx] = self.dist.gather_rows(rows)
+            eta = self.dist.gather_rows(eta)
             self.step_stats[0] = torch.minimum(self.step_stats[0], eta.min())
             self.step_stats[1] = torch.maximum(self.step_stats[1], eta.max())
             self.step_stats[2] += eta.sum()
-        self.step_count += b
+        self.step_count += eta.shape[0]
         return {"loss": loss.detach(), "correct_sum": (logits.argmax(1) == y).sum()}
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:

@@ -20,6 +20,13 @@ The engine owns the data, the clock and the disk; a method owns its losses, its 
 * ``probe(module)``: the function the feature-gap probe attacks and its (natural, adversarial) feature maps.
 * ``eval_heads(module)``: extra classifier heads evaluated at the end (AFD's f₁ / f₂ heads, the paper's Table 4).
 
+Forwards: ``self.net`` is the *training* forward (the engine may swap in a compiled module, and under data
+parallelism the DistributedDataParallel wrapper whose backward reduces the gradients); ``self.attack_net`` is the
+forward attacks differentiate w.r.t. the input (compiled, never DDP-wrapped). A method whose gradients come from
+``torch.autograd.grad`` instead of ``backward()`` sets ``grad_sync = "manual"`` and reduces them itself with
+``self.dist.reduce_grads_`` (AFD). ``self.dist`` (:class:`bench.dist.Dist`) is the process group: single-process by
+default, where all of this is a no-op.
+
 Registering a name twice is an error. Variants and ablations are separate registered classes that reuse code.
 """
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from torch import nn
 
 from bench.attacks import pgd
+from bench.dist import seed_loss
 from bench.errors import BenchError
 from bench.loader import Batch
 from bench.registry import Registry
@@ -39,6 +47,7 @@ from bench.schedules import lr_at
 
 if TYPE_CHECKING:
     from bench.data import Split
+    from bench.dist import Dist
 
 METHODS: Registry[type["Method"]] = Registry("method")
 
@@ -76,6 +85,8 @@ class Method:
     # True: the starting model (pgd-at / natural base run) holds out the same ``holdout_per_class`` images (RiFT)
     base_holdout: ClassVar[bool] = False
     loader_augment: ClassVar[bool] = True  # False: the method gets un-augmented batches and augments itself (ATAS)
+    # "ddp": gradients come from backward() through self.net (DDP reduces them); "manual": the method reduces them
+    grad_sync: ClassVar[str] = "ddp"
     defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
@@ -98,13 +109,17 @@ class Method:
         return v
 
     def __init__(self, hp: dict[str, Any], model: nn.Module, teacher: nn.Module | None = None,
-                 steps_per_epoch: int = 1, info: dict[str, Any] | None = None):
+                 steps_per_epoch: int = 1, info: dict[str, Any] | None = None, dist: "Dist | None" = None):
+        from bench.dist import SINGLE
+
         self.hp = hp
+        self.dist = dist if dist is not None else SINGLE
         # the training set the engine iterates: n images of shape (C, H, W), num_classes, crop_pad, flip
         self.info = info or {}
         self.stopped = False  # set by a method that ends training early (its current weights are the result)
         self.model = model
-        self.net: Callable[[torch.Tensor], torch.Tensor] = model  # the engine may swap in a compiled forward
+        self.net: Callable[..., torch.Tensor] = model  # training forward: the engine may compile / DDP-wrap it
+        self.attack_net: Callable[[torch.Tensor], torch.Tensor] = model  # attacks' forward: compiled at most
         self.teacher = teacher
         if teacher is not None:
             teacher.eval()
@@ -161,12 +176,13 @@ class Method:
         (not clipped, as the AFD/TRADES code), CE on ``self.net``, model in the method's ``attack_bn`` mode."""
         hp = self.hp
         return pgd(self.model, x, y, eps=hp["eps"], step=hp["attack_step"], steps=hp["attack_steps"],
-                   random_start=True, bn=self.attack_bn or "eval", forward=self.net)
+                   random_start=True, bn=self.attack_bn or "eval", forward=self.attack_net)
 
     @staticmethod
     def ce_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """One optimiser step on ``loss`` (seeded with the rank's batch share under data parallelism)."""
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        seed_loss(loss).backward()
         opt.step()
 
     # -- state --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import bn_mode, input_grad, uniform_noise
+from bench.dist import seed_loss
 from bench.errors import BenchError
 
 from .base import Method, register_method
@@ -78,14 +79,14 @@ class FGSMGA(Method):
         """g₂ at x + U(−ε, ε), with the graph kept (double backprop)."""
         eta = uniform_noise(x, self.hp["eps"]).requires_grad_(True)
         loss = F.cross_entropy(self.net(x + eta).float(), y)
-        (g,) = torch.autograd.grad(loss, eta, create_graph=True)
+        (g,) = torch.autograd.grad(seed_loss(loss), eta, create_graph=True)
         return g
 
     def train_step(self, batch, epoch, step):
         x, y, eps = batch.x, batch.y, self.hp["eps"]
         self.model.train()
         with bn_mode(self.model, "train"):
-            g1, _ = input_grad(self.net, x, y)  # at δ = 0; returned detached
+            g1, _ = input_grad(self.attack_net, x, y)  # at δ = 0; returned detached
         delta = (self.hp["fgsm_alpha"] * eps * g1.sign()).clamp(-eps, eps)
         x_adv = (x + delta).clamp(0.0, 1.0).detach()
         logits = self.net(x_adv)

@@ -51,16 +51,18 @@ class FGSMRS(Method):
     def setup(self) -> None:
         super().setup()
         self.first_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.first_shard = None  # its rows of the global batch under data parallelism
         self.prev_robust: float | None = None  # robust accuracy (fraction) of the last epoch that passed
         self.best_state: dict[str, torch.Tensor] | None = None  # the weights after that epoch
 
     def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return fgsm(self.model, x, y, eps=self.hp["eps"], step=self.hp["alpha_ratio"] * self.hp["eps"], random_start=True,
-                    bn="train", forward=self.net)
+        return fgsm(self.model, x, y, eps=self.hp["eps"], step=self.hp["alpha_ratio"] * self.hp["eps"],
+                    random_start=True, bn="train", forward=self.attack_net)
 
     def train_step(self, batch, epoch, step):
         if step == 0:
             self.first_batch = (batch.x.detach().clone(), batch.y.detach().clone())
+            self.first_shard = batch.shard
         x_adv = self.attack(batch.x, batch.y)
         self.model.train()
         logits = self.net(x_adv)
@@ -70,17 +72,20 @@ class FGSMRS(Method):
 
     @torch.no_grad()
     def early_stop_robust(self) -> float:
-        """PGD-5 robust accuracy (fraction) on this epoch's first training batch, model in eval mode."""
+        """PGD-5 robust accuracy (fraction) on this epoch's first training batch, model in eval mode (under data
+        parallelism: on the whole global batch, so that every rank takes the same decision)."""
         assert self.first_batch is not None
         x, y = self.first_batch
         hp = self.hp
-        with torch.enable_grad():
-            x_adv = pgd(self.model, x, y, eps=hp["eps"], step=hp["early_stop_step"], steps=hp["early_stop_steps"],
-                        random_start=True, clip_start=True, bn="eval", forward=self.net)
-        training = self.model.training
-        self.model.eval()
-        acc = float((self.net(x_adv).argmax(1) == y).float().mean())
-        self.model.train(training)
+        with self.dist.step(self.first_shard):
+            with torch.enable_grad():
+                x_adv = pgd(self.model, x, y, eps=hp["eps"], step=hp["early_stop_step"],
+                            steps=hp["early_stop_steps"], random_start=True, clip_start=True, bn="eval",
+                            forward=self.attack_net)
+            training = self.model.training
+            self.model.eval()
+            acc = float(self.dist.batch_mean((self.attack_net(x_adv).argmax(1) == y).float().mean()))
+            self.model.train(training)
         return acc
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:

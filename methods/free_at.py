@@ -14,6 +14,8 @@ So a mini-batch gives exactly m optimiser steps, and an epoch is one pass over t
 batch 128. Inputs are clipped to [0, 1] before the forward as in the official TF code (§5); Wong's code clamps δ to
 the valid range of the *previous* batch only, so the two differ only on the first replay of each new batch. The
 last mini-batch of an epoch may be smaller: it uses (and updates) the first rows of δ, as Wong's ``delta[:X.size(0)]``.
+Under data parallelism a rank uses the rows of δ at its positions in the global batch, and after each mini-batch the
+moved rows are gathered so that every rank holds (and checkpoints) the whole δ of the single-process run.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bench.dist import seed_loss
 from bench.schedules import cyclic_factor
 
 from .base import Method, register_method
@@ -68,25 +71,30 @@ class FreeAT(Method):
     def train_step(self, batch, epoch, step):
         x, y = batch.x, batch.y
         b, eps = y.shape[0], self.hp["eps"]
+        # δ's rows are positions in the global batch: this rank's rows of it (the first b on one process)
+        rows = batch.shard.rows if batch.shard is not None else slice(0, b)
         self.model.train()
         loss_sum = torch.zeros((), device=x.device)
         correct = None
         for r in range(self.hp["replays"]):
             self.set_lr(self.lr_for_replay(epoch, step, r))
-            delta = self.delta[:b].clone().requires_grad_(True)
+            delta = self.delta[rows].clone().requires_grad_(True)
             logits = self.net((x + delta).clamp(0.0, 1.0))
             loss = F.cross_entropy(logits.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # one backward: ∇θ into .grad, ∇δ into delta.grad
+            seed_loss(loss).backward()  # one backward: ∇θ into .grad, ∇δ into delta.grad
             with torch.no_grad():
                 d = (delta + eps * delta.grad.sign()).clamp_(-eps, eps)
                 d = torch.max(torch.min(d, 1.0 - x), -x)  # x + δ in [0, 1]
-                self.delta[:b] = d
+                self.delta[rows] = d
             self.optimizer.step()  # the θ-gradient of the forward before δ moved
             self.replay_steps += 1
             loss_sum = loss_sum + loss.detach()
             if correct is None:
                 correct = (logits.argmax(1) == y).sum()
+        if batch.shard is not None:  # every rank keeps the whole δ: the rows the others moved
+            with torch.no_grad():
+                self.delta[:batch.shard.total] = self.dist.gather_rows(self.delta[rows])
         return {"loss": loss_sum / self.hp["replays"], "correct_sum": correct}
 
     def state_dict(self) -> dict[str, Any]:

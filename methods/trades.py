@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import bn_mode, project
+from bench.dist import per_example, seed_loss
 
 from .base import Method, register_method
 
@@ -39,11 +40,12 @@ def trades_attack(model, x: torch.Tensor, *, eps: float, step: float, steps: int
     with bn_mode(model, "eval"):
         with torch.no_grad():
             target = fwd(x).detach()
-        x_adv = x + init_std * torch.randn_like(x)
+        x_adv = x + init_std * per_example(lambda m: torch.randn((m, *x.shape[1:]), device=x.device, dtype=x.dtype),
+                                           x.shape[0])
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(kl_sum(fwd(x_adv), target), x_adv)
+                (g,) = torch.autograd.grad(seed_loss(kl_sum(fwd(x_adv), target)), x_adv)
             x_adv = project(x_adv.detach() + step * g.sign(), x, eps)
     return x_adv.detach()
 
@@ -76,7 +78,7 @@ class TRADES(Method):
     def attack(self, x: torch.Tensor) -> torch.Tensor:
         hp = self.hp
         return trades_attack(self.model, x, eps=hp["eps"], step=hp["attack_step"], steps=hp["attack_steps"],
-                             init_std=hp["init_std"], forward=self.net)
+                             init_std=hp["init_std"], forward=self.attack_net)
 
     def train_step(self, batch, epoch, step):
         x_adv = self.attack(batch.x)

@@ -52,5 +52,8 @@ class Classifier(nn.Module):
         """g(x): the (B, d) penultimate features of inputs in [0, 1]."""
         return self._backbone(self.normalize(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Logits; with ``with_features``, (logits, g(x)) from one pass (a method that needs both trains through
+        one forward, so that DistributedDataParallel sees it)."""
+        h = self.features(x)
+        return (self.fc(h), h) if with_features else self.fc(h)

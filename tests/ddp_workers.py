@@ -1,0 +1,165 @@
+"""What each process of the 2-process gloo groups of ``test_ddp.py`` runs (spawned processes import this module by
+name). Every worker saves what it computed to ``<out>/rank<r>.pt``; the test compares it with one process."""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world: int, out: Path, *args) -> list[dict]:
+    """Run ``fn(dist, out, *args)`` in ``world`` gloo processes; returns what each rank saved."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_entry, args=(fn, world, port, str(out), args), nprocs=world, start_method="spawn",
+                       join=True)
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _entry(rank: int, fn, world: int, port: int, out: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    from bench.dist import Dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(Dist(rank, world), Path(out), *args)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bn_inputs(total: int):
+    torch.manual_seed(0)
+    x = torch.randn(total, 3, 5, 5) * 3 + 2
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return x, bn
+
+
+def bn_objective(y: torch.Tensor) -> torch.Tensor:
+    return (y ** 3).mean()
+
+
+def bn_worker(d, out, total: int) -> dict:
+    """SyncBatchNorm on this rank's rows: output, input gradient (and its double backward), parameter gradients
+    (of the share-seeded objective), running statistics."""
+    from bench.dist import SyncBatchNorm, seed_loss
+
+    x, bn = bn_inputs(total)
+    s = d.shard(total)
+    sbn = SyncBatchNorm(3)
+    sbn.load_state_dict(bn.state_dict())
+    xl = x[s.rows].clone().requires_grad_(True)
+    with d.step(s):
+        y = sbn(xl)
+        (g,) = torch.autograd.grad(seed_loss(bn_objective(y)), xl, create_graph=True)
+        g.pow(2).sum().backward()
+    return {"rows": (s.lo, s.hi), "y": y.detach(), "g": g.detach(), "gg": xl.grad, "wgrad": sbn.weight.grad,
+            "bgrad": sbn.bias.grad, "running_mean": sbn.running_mean, "running_var": sbn.running_var}
+
+
+def step_setup(name: str, d, total: int):
+    """A smallcnn (sync BN under DDP), the method ``name`` on it, and a fixed batch of ``total`` random images."""
+    from bench.dist import convert_sync_bn
+    from bench.loader import Batch
+    from bench.models import create_model
+    from methods import get_method
+
+    torch.manual_seed(0)
+    model = create_model("smallcnn", 10)
+    teacher = copy.deepcopy(model) if get_method(name).starts_from != "scratch" else None
+    x = torch.rand(total, 3, 32, 32)
+    y = torch.randint(0, 10, (total,))
+    if d.enabled:
+        convert_sync_bn(model)
+    cls = get_method(name)
+    hp = cls.resolved_defaults()
+    hp.update(batch_size=total, lr=0.05)
+    if "attack_steps" in hp:
+        hp["attack_steps"] = 2
+    method = cls(hp, model, teacher, steps_per_epoch=1, info={"n": total, "shape": (3, 32, 32)}, dist=d)
+    if d.enabled:
+        s = d.shard(total)
+        batch = Batch(x[s.rows], y[s.rows], torch.arange(total)[s.rows], shard=s, global_idx=torch.arange(total))
+    else:
+        batch = Batch(x, y, torch.arange(total))
+    return method, batch
+
+
+def step_worker(d, out, name: str, total: int, variant: str = "") -> dict:
+    """One training step of ``name`` on this rank's rows of a fixed batch; ``variant``: "no-reduce" (AFD's
+    gradient all-reduce skipped) or "no-ddp" (the training forward not wrapped in DDP): the controls that show the
+    equality test can fail."""
+    method, batch = step_setup(name, d, total)
+    if variant == "no-reduce":
+        method.dist = copy.copy(method.dist)
+        method.dist.reduce_grads_ = lambda grads: None
+    if method.grad_sync == "ddp" and variant != "no-ddp":
+        method.net = d.wrap(method.model)
+    torch.manual_seed(1)  # the global RNG of the step (PGD's random start), the same on every rank
+    with d.step(batch.shard):
+        method.train_step(batch, 0, 0)
+    return {k: v.detach().clone() for k, v in method.model.state_dict().items()}
+
+
+def single_step(name: str, total: int) -> dict:
+    from bench.dist import SINGLE
+
+    method, batch = step_setup(name, SINGLE, total)
+    torch.manual_seed(1)
+    method.train_step(batch, 0, 0)
+    return {k: v.detach().clone() for k, v in method.model.state_dict().items()}
+
+
+def eval_setup():
+    from bench.data import load_dataset
+    from bench.models import create_model
+
+    torch.manual_seed(3)
+    model = create_model("smallcnn", 10)
+    return model, load_dataset("synthetic").test
+
+
+def eval_worker(d, out, attacks: list[str], n: int, state_dir: str) -> dict:
+    from bench.evaluate import evaluate
+
+    model, test = eval_setup()
+    return evaluate(model, test, attacks, n=n, batch_size=8, aa_chunk=4, state_dir=state_dir, progress=False,
+                    dist=d)
+
+
+def check_same_worker(d, out, perturb: bool) -> dict:
+    from bench.errors import BenchError
+    from bench.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("smallcnn", 10)
+    if perturb and d.rank == 1:
+        with torch.no_grad():
+            model.fc.bias.add_(1e-3)
+    try:
+        d.check_same(model, "test")
+        return {"raised": None}
+    except BenchError as e:
+        return {"raised": str(e)}
+

@@ -1,0 +1,283 @@
+"""Data parallelism (bench.dist): a run on 2 processes (gloo, CPU) is the run on one process with the same global
+batch, up to floating-point rounding.
+
+* piece by piece (spawned 2-process groups, ``ddp_workers``): synchronised BN equals full-batch BN (forward,
+  backward, double backward, running statistics) on even and uneven splits; one training step of natural, PGD-AT,
+  AFD (its three gradients reduced), ATAS and Free-AT on an uneven split gives the single-process weights, and the
+  controls without the reduction do not; evaluation (PGD-20 and AutoAttack, with resumable chunk files) shards the
+  test set and gathers the single-process record; ranks whose parameters differ are caught;
+* end to end (``bench run --nproc 2``, i.e. torchrun): natural, PGD-AT, AFD, ATAS and Free-AT trained and evaluated
+  on 2 processes match one process as closely as two one-process runs that differ only in their thread count match
+  each other (the floating-point noise floor of PGD's sign), with the same run identities and records written once;
+  a DDP run killed mid-run resumes to the uninterrupted result, on 2 processes or on one.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ddp_workers as W
+from bench.dist import SINGLE, Dist, Shard, even_shard, per_example, seed_loss, without_option
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# no process group needed
+
+
+def test_even_shard_covers_the_batch_in_order():
+    for total in (1, 7, 8, 49, 128):
+        for world in (1, 2, 3, 8):
+            parts = [even_shard(total, r, world) for r in range(world)]
+            assert parts[0].lo == 0 and parts[-1].hi == total
+            assert all(a.hi == b.lo for a, b in zip(parts, parts[1:]))
+            sizes = [p.size for p in parts]
+            assert max(sizes) - min(sizes) <= 1
+            assert abs(sum(p.share for p in parts) - 1) < 1e-12
+
+
+def test_per_example_draws_are_the_global_batch_rows():
+    """Inside a step on a shard, a per-example draw gives the rows of the draw for the whole global batch."""
+    torch.manual_seed(5)
+    full = torch.rand(7, 3)
+    for rank in range(2):
+        s = even_shard(7, rank, 2)
+        torch.manual_seed(5)
+        with Dist(rank, 2).step(s):
+            got = per_example(lambda m: torch.rand(m, 3), s.size)
+            with pytest.raises(RuntimeError, match="shard has"):
+                per_example(lambda m: torch.rand(m, 3), s.size + 1)
+        assert torch.equal(got, full[s.rows])
+    torch.manual_seed(5)
+    assert torch.equal(per_example(lambda m: torch.rand(m, 3), 7), full)  # outside a step: as drawn
+
+
+def test_seed_loss_weights_by_share_only_on_a_shard():
+    loss = torch.tensor(2.0)
+    assert seed_loss(loss) is loss
+    with SINGLE.step(Shard(8, 0, 8)):
+        assert seed_loss(loss) is loss
+    with Dist(1, 2).step(Shard(7, 4, 7)):
+        assert float(seed_loss(loss)) == pytest.approx(2.0 * 3 / 7)
+
+
+def test_sharded_loader_is_the_global_batch_cut_in_rows(synthetic):
+    """Every rank's batches are its rows of the one-process batches: same images, same crops and flips, same
+    indices; a last batch smaller than the number of ranks is dropped."""
+    from bench.loader import DeviceLoader
+
+    split = synthetic.train.per_class(16)  # 160 images
+    for bs in (49, 64, 80):
+        one = list(DeviceLoader(split, bs, seed=3, pad=4, flip=True).epoch(2))
+        ranks = [list(DeviceLoader(split, bs, seed=3, pad=4, flip=True, dist=Dist(r, 2)).epoch(2)) for r in (0, 1)]
+        assert [len(r) for r in ranks] == [len(one)] * 2
+        for i, b in enumerate(one):
+            assert torch.equal(torch.cat([r[i].x for r in ranks]), b.x)
+            assert torch.equal(torch.cat([r[i].idx for r in ranks]), b.idx)
+            assert all(torch.equal(r[i].all_idx, b.idx) for r in ranks)
+    # 160 = 2·79 + 2: one process and two synchronised ranks keep the last 2 images; per-rank BN (2 each) or three
+    # ranks (one each) cannot, and drop them
+    assert len(DeviceLoader(split, 79)) == 3 and len(DeviceLoader(split, 79, dist=Dist(0, 2))) == 3
+    assert len(DeviceLoader(split, 79, dist=Dist(0, 2, sync_bn=False))) == 2
+    assert len(DeviceLoader(split, 79, dist=Dist(0, 3))) == 2
+
+
+def test_without_option():
+    assert without_option(["run", "--nproc", "2", "-q"], "--nproc") == ["run", "-q"]
+    assert without_option(["run", "--nproc=2", "--nprocx"], "--nproc") == ["run", "--nprocx"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spawned 2-process groups
+
+
+@pytest.mark.parametrize("total", [8, 7])
+def test_sync_bn_equals_full_batch_bn(tmp_path, total):
+    ranks = W.spawn(W.bn_worker, 2, tmp_path, total)
+    x, bn = W.bn_inputs(total)
+    xr = x.clone().requires_grad_(True)
+    y = bn(xr)
+    (g,) = torch.autograd.grad(W.bn_objective(y), xr, create_graph=True)
+    g.pow(2).sum().backward()
+    cat = {k: torch.cat([r[k] for r in ranks]) for k in ("y", "g", "gg")}
+    torch.testing.assert_close(cat["y"], y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cat["g"], g.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cat["gg"], xr.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["wgrad"] + ranks[1]["wgrad"], bn.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["bgrad"] + ranks[1]["bgrad"], bn.bias.grad, rtol=1e-4, atol=1e-6)
+    for r in ranks:  # the global batch's statistics (unbiased variance), on every rank
+        torch.testing.assert_close(r["running_mean"], bn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["running_var"], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].dtype.is_floating_point)
+
+
+@pytest.mark.parametrize("name", ["natural", "pgd-at", "afd", "atas", "free-at"])
+def test_one_step_on_an_uneven_split_is_the_single_process_step(tmp_path, name):
+    """7 images on 2 ranks (4 + 3): the weights after one step equal one process's; AFD's G₁, G₂, G₃ are reduced
+    before its three optimiser steps. Without the reduction (the controls) they do not."""
+    ref = W.single_step(name, 7)
+    ranks = W.spawn(W.step_worker, 2, tmp_path / "ok", name, 7)
+    moved = max(float((ref[k].double() - v.double()).abs().max())
+                for k, v in W.step_setup(name, SINGLE, 7)[0].model.state_dict().items() if v.dtype.is_floating_point)
+    assert moved > 1e-3  # the step moves the weights
+    for r in ranks:
+        assert _max_diff(r, ref) < 1e-5 * max(1.0, moved), name
+    control = "no-reduce" if name == "afd" else "no-ddp"
+    bad = W.spawn(W.step_worker, 2, tmp_path / "ctl", name, 7, control)
+    assert max(_max_diff(r, ref) for r in bad) > 1e-3 * moved, f"{name}: the control should differ"
+
+
+def test_evaluation_shards_and_gathers_the_single_process_record(tmp_path):
+    """PGD-20 batches and AutoAttack chunks are dealt out over the ranks; the per-point results, the numbers and
+    the chunk files (written by rank 0 only) are those of one process."""
+    from bench.evaluate import evaluate
+
+    model, test = W.eval_setup()
+    one = evaluate(model, test, ["clean", "pgd20", "aa"], n=12, batch_size=8, aa_chunk=4,
+                   state_dir=tmp_path / "one", progress=False)
+    ranks = W.spawn(W.eval_worker, 2, tmp_path, ["clean", "pgd20", "aa"], 12, str(tmp_path / "two"))
+    for r in ranks:
+        for a in ("clean", "pgd20", "aa", "worst"):
+            assert r["results"][a]["correct"] == one["results"][a]["correct"], a
+            assert r["results"][a].get("points") == one["results"][a].get("points"), a
+        assert r["meta"]["ranks"] == 2
+    files = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "one").iterdir()) == ["aa-0-4.json", "aa-4-8.json",
+                                                                              "aa-8-12.json"]
+    for f in files:
+        assert json.loads((tmp_path / "two" / f).read_text())["robust"] == \
+            json.loads((tmp_path / "one" / f).read_text())["robust"]
+    # resumed from the chunk files: nothing is attacked again, the same record
+    again = W.spawn(W.eval_worker, 2, tmp_path, ["aa"], 12, str(tmp_path / "two"))
+    assert again[0]["results"]["aa"]["points"] == one["results"]["aa"]["points"]
+
+
+def test_ranks_whose_parameters_differ_are_caught(tmp_path):
+    assert all(r["raised"] is None for r in W.spawn(W.check_same_worker, 2, tmp_path, False))
+    raised = [r["raised"] for r in W.spawn(W.check_same_worker, 2, tmp_path / "p", True)]
+    assert all(m and "rank 1 differ from rank 0's" in m and "not reduced" in m for m in raised)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end: bench run --nproc 2 (torchrun)
+
+METHODS = ["natural", "pgd-at", "afd", "atas", "free-at"]
+ARGS = ["--preset", "smoke", "--methods", ",".join(METHODS), "--subset", "16", "--epochs", "2", "--batch-size", "80",
+        "--attacks", "clean,pgd20", "--eval-n", "64", "--probe-n", "8", "--device", "cpu", "-q",
+        "--set", "natural.epochs=2", "--set", "natural.batch_size=80", "--set", "free-at.replays=2",
+        "--set", "atas.warmup_epochs=1"]
+
+
+def _bench(args, results, threads="2", kill_at=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads)
+    env.pop("AFT_BENCH_KILL_AT", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    if kill_at:
+        env["AFT_BENCH_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "bench", "run", *args, "--results", str(results)], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _weights(results: Path) -> dict[str, dict]:
+    return {p.name: load_file(p / "ckpt" / "model.safetensors") for p in sorted((results / "runs").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp-e2e")
+    out = {}
+    for name, extra, threads in (("one", [], "2"), ("one-1thread", [], "1"), ("ddp", ["--nproc", "2"], "1")):
+        p = _bench(ARGS + extra, root / name, threads)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[name] = (root / name, p)
+    return out
+
+
+def test_ddp_run_equals_the_one_process_run(e2e):
+    one, noise, ddp = (e2e[k][0] for k in ("one", "one-1thread", "ddp"))
+    w1, wn, wd = _weights(one), _weights(noise), _weights(ddp)
+    assert sorted(w1) == sorted(wd) == sorted(wn)  # the same run identities (hashes): sync BN keeps the run
+    assert len(w1) == len(METHODS)  # (AFD starts from the natural run of the list, trained on 2 processes too)
+    for name in w1:
+        floor = _max_diff(w1[name], wn[name])  # the same run, one thread instead of two: rounding only
+        gap = _max_diff(w1[name], wd[name])
+        assert gap <= 10 * floor + 1e-5, f"{name}: DDP differs by {gap:.3g}, rounding noise is {floor:.3g}"
+        # per-epoch records: the same rows, the same images and learning rates, losses within the noise
+        m1 = [json.loads(x) for x in (one / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        md = [json.loads(x) for x in (ddp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [sorted(r) for r in m1] == [sorted(r) for r in md], name
+        for a, b in zip(m1[1:], md[1:]):
+            assert a["images"] == b["images"] and a["lr"] == b["lr"]
+            assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), name
+
+
+def test_ddp_records_are_written_once_by_rank_0(e2e):
+    one, ddp = e2e["one"][0], e2e["ddp"][0]
+    for run in sorted((ddp / "runs").iterdir()):
+        files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+        ref = sorted(str(p.relative_to(one / "runs" / run.name)) for p in (one / "runs" / run.name).rglob("*")
+                     if p.is_file())
+        assert files == ref, run.name
+        assert not any(".tmp" in f or f == ".lock" for f in files)
+        rec = json.loads((run / "config.json").read_text())
+        assert rec["device"].startswith("2× cpu") and rec["device"].endswith("(DDP)")
+        assert rec["config"]["world_size"] == 2 and rec["config"]["bn_ranks"] is None
+        ev = json.loads((run / "eval.json").read_text())
+        ev1 = json.loads((one / "runs" / run.name / "eval.json").read_text())
+        for a in ("clean", "pgd20"):
+            assert ev["results"][a]["n"] == ev1["results"][a]["n"] == 64
+            assert abs(ev["results"][a]["correct"] - ev1["results"][a]["correct"]) <= 2, (run.name, a)
+    assert e2e["ddp"][1].stdout.count("method") == 1  # one summary table, from rank 0
+
+
+def test_ddp_run_resumes_after_a_kill_on_two_processes_or_one(tmp_path, e2e):
+    """Killed (SIGKILL, every rank) after the first epoch's checkpoint, then started again: on 2 processes, or on
+    one (the same run: sync BN), it ends as the uninterrupted DDP run."""
+    args = [a for a in ARGS]
+    args[args.index("--methods") + 1] = "pgd-at"
+    straight = e2e["ddp"][0]
+    for again in (["--nproc", "2"], []):
+        res = tmp_path / ("two" if again else "one")
+        p = _bench(args + ["--nproc", "2"], res, "1", kill_at="epoch:1")
+        assert p.returncode != 0
+        (run,) = (res / "runs").iterdir()
+        assert (run / "ckpt" / "last.safetensors").is_file() and not (run / "done").exists()
+        p = _bench(args + again, res, "1")
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "resuming after epoch 1" in p.stderr
+        got, ref = load_file(run / "ckpt" / "model.safetensors"), _weights(straight)[run.name]
+        assert _max_diff(got, ref) < (1e-6 if again else 1e-2), again
+
+
+def test_per_rank_bn_is_a_different_run(tmp_path):
+    from bench.runner import RunRequest, plan
+
+    base = dict(preset="smoke", methods=["pgd-at"], device="cpu", results_dir=str(tmp_path))
+    one = plan(RunRequest(**base))[0].cfg
+    synced = plan(RunRequest(**base, world_size=4))[0].cfg
+    local = plan(RunRequest(**base, world_size=4, sync_bn=False))[0].cfg
+    assert one.run_name == synced.run_name != local.run_name and local.bn_ranks == 4
+
+
+def test_nproc_errors_are_one_line(capsys, monkeypatch):
+    from bench.cli import main
+
+    for args, pattern in ((["--nproc", "2", "--device", "cuda:1"], "--device cuda:1 with --nproc 2; accepted"),
+                          (["--nproc", "2", "--device", "cuda"], "no CUDA GPU is visible")):
+        if torch.cuda.is_available() and "cuda\n" in pattern:
+            continue
+        monkeypatch.setattr(sys, "argv", ["bench", "run", "--preset", "smoke", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and pattern in err, err

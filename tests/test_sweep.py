@@ -1,0 +1,227 @@
+"""bench sweep: the grid expands into exactly the runs `bench run` plans; the local launcher runs them here; the
+slurm launcher, exercised through submitit's local executor (processes on this machine) so that no cluster is
+needed, launches the base runs first and one job per run; launching again launches only what is neither done nor
+running; a preempted job is requeued and its run resumes from its last checkpoint to the uninterrupted result."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from bench.errors import BenchError
+from bench.records import RunDir
+from bench.runner import RunRequest, plan
+from bench.sweep import (JobBook, LaunchOptions, SweepJob, SweepSpec, executor_params, expand, launch, make_plan,
+                         parse_data_dirs)
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(preset="smoke", subset=10, epochs=1, attacks="clean", eval_n=20, probe_n=4, device="cpu",
+             sets=["natural.epochs=1"])
+
+
+def _req(tmp_path, **kw):
+    return RunRequest(**{**SMALL, "results_dir": str(tmp_path / "results"), **kw})
+
+
+def test_the_grid_is_the_runs_bench_run_plans(tmp_path):
+    req = _req(tmp_path, methods=["pgd-at", "afd"], seeds="0-2", sets=["natural.epochs=1", "afd.gamma=5,25"])
+    units = expand(SweepSpec(req, ["synthetic", "fashion-mnist"], ["smallcnn", "resnet18"]))
+    # (pgd-at + afd × 2 gamma) × 3 seeds × 2 datasets × 2 archs
+    assert len(units) == (1 + 2) * 3 * 2 * 2 == len({u.name for u in units})
+    for dataset in ("synthetic", "fashion-mnist"):
+        for arch in ("smallcnn", "resnet18"):
+            names = {p.cfg.run_name for p in plan(RunRequest(**{**req.__dict__, "dataset": dataset, "arch": arch}))}
+            assert names <= {u.name for u in units}
+    afd = [u for u in units if u.cfg.method == "afd"]
+    assert all(u.base is not None and u.base.method == "natural" for u in afd)
+    assert len({u.base.run_name for u in afd}) == 3 * 2 * 2  # one natural base per seed × dataset × arch
+    with pytest.raises(BenchError, match="unknown dataset 'cifar11'"):
+        expand(SweepSpec(req, ["cifar11"]))
+
+
+def test_data_dirs():
+    assert parse_data_dirs(["/d"], ["cifar10"]) == {"cifar10": "/d"}
+    assert parse_data_dirs(["cifar10=/a", "cifar100=/b"], ["cifar10", "cifar100"]) == {"cifar10": "/a",
+                                                                                      "cifar100": "/b"}
+    with pytest.raises(BenchError, match="--data-dir '/d' without a dataset name.*accepted: --data-dir NAME=DIR"):
+        parse_data_dirs(["/d"], ["cifar10", "cifar100"])
+
+
+def test_local_launcher_runs_here_and_launching_again_launches_nothing(tmp_path):
+    req = _req(tmp_path, methods=["pgd-at", "vaft"], seeds="0,1")
+    spec = SweepSpec(req)
+    sp = make_plan(spec)
+    assert sp.counts() == {"done": 0, "running": 0, "todo": 4} and len(sp.bases) == 2
+    out = launch(spec, LaunchOptions(launcher="local"), sp, echo=lambda s: None)
+    assert out.ran == [b.run_name for b in sp.bases] + [u.name for u in sp.todo]  # the bases first
+    again = make_plan(spec)
+    assert again.counts() == {"done": 4, "running": 0, "todo": 0} and not again.bases
+    assert launch(spec, LaunchOptions(launcher="local"), again).records == []
+
+
+def _wait_for(pred, timeout=300.0, every=0.5):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+def test_slurm_launcher_on_submitits_local_executor(tmp_path):
+    """Base runs first (their own array), then one job per run; every job recorded; a second launch launches
+    nothing; what the jobs trained is what `bench run` would have (the same run directories, done)."""
+    req = _req(tmp_path, methods=["pgd-at", "vaft"], seeds="0")
+    spec = SweepSpec(req)
+    out = launch(spec, LaunchOptions(launcher="slurm", cluster="local", time_min=10), echo=lambda s: None)
+    phases = [r["phase"] for r in out.records]
+    assert phases == ["base", "run", "run"]
+    assert all(j.state in ("FINISHED", "DONE", "COMPLETED") or j.done() for j in out.jobs)
+    for p in plan(req):
+        assert RunDir.for_config(p.cfg).is_done() and RunDir.for_config(p.base or p.cfg).is_done()
+    book = JobBook(req.results_dir)
+    assert [j["job_id"] for j in book.read()] == [r["job_id"] for r in out.records]
+    assert not book.running_runs()  # the job processes are over
+    assert make_plan(spec).counts()["todo"] == 0
+    assert launch(spec, LaunchOptions(launcher="slurm", cluster="local")).jobs == []
+
+
+def test_runs_held_by_a_live_job_or_process_are_not_launched(tmp_path):
+    req = _req(tmp_path, methods=["pgd-at"], seeds="0,1,2")
+    spec = SweepSpec(req)
+    names = [u.name for u in make_plan(spec).units]
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        book = JobBook(req.results_dir)
+        with book.locked() as jobs:  # an earlier launch whose job (a live process here) holds the first run
+            jobs.append({"job_id": str(sleeper.pid), "cluster": "local", "host": socket.gethostname(),
+                         "pid": sleeper.pid, "folder": None, "runs": [names[0]], "phase": "run"})
+            jobs.append({"job_id": "1", "cluster": "local", "host": socket.gethostname(), "pid": 2 ** 22 + 7,
+                         "folder": None, "runs": [names[1]], "phase": "run"})  # a dead process: not running
+        lock = tmp_path / "results" / "runs" / names[2] / ".lock"
+        lock.parent.mkdir(parents=True)
+        lock.write_text(f"{socket.gethostname()} {sleeper.pid}\n")  # a live process trains the third run
+        sp = make_plan(spec)
+        assert [sp.states[n] for n in names] == ["running", "todo", "running"]
+        assert [u.name for u in sp.todo] == [names[1]]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert [u.name for u in make_plan(spec).todo] == names  # the job and the lock holder are gone
+
+
+def test_slurm_options_reach_sbatch(tmp_path, monkeypatch):
+    """The options become submitit's Slurm parameters and the sbatch script it would submit (rendered here, with
+    srun's presence faked: nothing is submitted)."""
+    import submitit
+    from submitit.slurm import slurm
+
+    monkeypatch.setattr(slurm.SlurmExecutor, "affinity", staticmethod(lambda: 1))
+    opts = LaunchOptions(launcher="slurm", gpus_per_run=4, partition="gpu", time_min=480, array_parallelism=16,
+                         account="lab", qos="high", constraint="h100", cpus_per_task=8, mem_gb=64,
+                         slurm_args={"exclude": "node12"})
+    params = executor_params(opts, "slurm", after=["101", "102"])
+    ex = submitit.AutoExecutor(folder=str(tmp_path / "%j"), cluster="slurm")
+    ex.update_parameters(**params)
+    text = ex._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--time=480", "--gpus-per-node=4", "--ntasks-per-node=4", "--nodes=1",
+                 "--account=lab", "--qos=high", "--constraint=h100", "--cpus-per-task=8", "--mem=64GB",
+                 "--exclude=node12", "--dependency=afterok:101:102", "--job-name=aft-bench", "--signal=USR2@"):
+        assert line in text, line
+    assert ex._executor.parameters.get("array_parallelism") == 16
+    assert "slurm_partition" not in executor_params(opts, "local")  # the stand-ins get the generic ones only
+
+
+def _task_pid(controller: int) -> int:
+    """The task process that submitit's local controller started (Linux: /proc)."""
+    path = f"/proc/{controller}/task/{controller}/children"
+    assert _wait_for(lambda: os.path.exists(path) and open(path).read().split())
+    return int(open(path).read().split()[0])
+
+
+def test_preempted_job_is_requeued_and_resumes(tmp_path):
+    """A job of the local executor gets the preemption signal after its run's first epoch: submitit checkpoints
+    the SweepJob and requeues it; the run resumes after that epoch and ends with the weights of a run that was
+    never interrupted."""
+    import submitit
+
+    args = dict(SMALL, methods=["pgd-at"], epochs=4, subset=30, sets=[])
+    req = _req(tmp_path, **args)
+    (p,) = plan(req)
+    run = RunDir.for_config(p.cfg)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the job's processes inherit it (and the straight run below)
+    try:
+        ex = submitit.AutoExecutor(folder=str(tmp_path / "submitit" / "%j"), cluster="local")
+        ex.update_parameters(timeout_min=10)
+        job = ex.submit(SweepJob([{"cfg": p.cfg.to_dict(), "base": None, "grid": None}]))
+        assert _wait_for(lambda: len(run.read_metrics()) >= 1), job.stderr()
+        # what Slurm does on preemption or time-out: the signal submitit listens for, to the job's task process
+        os.kill(_task_pid(int(job.job_id)), submitit.JobEnvironment._usr_sig())
+        job.result()
+        log = job.stderr() or ""
+        assert "resuming after epoch" in log, log[-3000:]
+        straight = tmp_path / "straight"
+        cmd = [sys.executable, "-m", "bench", "run", "--preset", "smoke", "--methods", "pgd-at", "--subset", "30",
+               "--epochs", "4", "--attacks", "clean", "--eval-n", "20", "--probe-n", "4", "--device", "cpu", "-q",
+               "--results", str(straight)]
+        subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+    a = load_file(run.final_weights)
+    b = load_file(straight / "runs" / run.name / "ckpt" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    rows = run.read_metrics()
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert json.loads((straight / "runs" / run.name / "eval.json").read_text())["results"]["clean"]["points"] == \
+        run.read_eval()["results"]["clean"]["points"]
+
+
+def test_sweep_cli(tmp_path, capsys, monkeypatch):
+    from bench.cli import main
+
+    res = str(tmp_path / "results")
+    base = ["bench", "sweep", "--preset", "smoke", "--methods", "pgd-at", "--seeds", "0,1", "--subset", "10",
+            "--epochs", "1", "--attacks", "clean", "--eval-n", "20", "--probe-n", "4", "--device", "cpu", "-q",
+            "--results", res]
+    monkeypatch.setattr(sys, "argv", base + ["--dry-run"])
+    main()
+    out = capsys.readouterr().out
+    assert "sweep: 2 run(s): 0 done, 0 running, 2 to launch" in out and out.count("todo") == 2
+    monkeypatch.setattr(sys, "argv", base)
+    main()
+    assert "pgd-at  1" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", base + ["--dry-run"])
+    main()
+    assert "2 done, 0 running, 0 to launch" in capsys.readouterr().out
+    for bad, pattern in ((["--time", "soon"], "Invalid value for '--time'"),
+                         (["--slurm-arg", "exclude"], "malformed --slurm-arg 'exclude'; accepted: KEY=VALUE"),
+                         (["--launcher", "pbs"], "Invalid value for '--launcher'")):
+        monkeypatch.setattr(sys, "argv", base + bad)
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and pattern in err, err
+
+
+def test_a_run_waits_for_the_base_run_another_process_is_training(tmp_path):
+    """Two jobs needing the same base: the second waits while the first holds the base's lock, then goes on."""
+    import threading
+
+    from bench.runner import Runner
+
+    (p,) = plan(_req(tmp_path, methods=["vaft"]))
+    base_run = RunDir.for_config(p.base)
+    base_run.path.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    (base_run.path / ".lock").write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+    threading.Timer(1.5, lambda: (sleeper.kill(), sleeper.wait())).start()
+    said, t0 = [], time.time()
+    Runner(progress=False, echo=said.append)._wait_while_locked(base_run, "[vaft s0] needs the natural model",
+                                                                poll_s=0.1)
+    assert time.time() - t0 >= 1.4
+    assert said and f"process {sleeper.pid}" in said[0] and "is training: waiting for it" in said[0]
