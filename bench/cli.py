@@ -41,6 +41,8 @@ def cli() -> None:
     bench list                                    # methods, datasets, architectures, presets
     bench report                                  # the paper's tables and figures from results/
     bench perf                                    # engine vs a papers'-style loop: img/s, s/epoch, memory
+    bench run --nproc 8 ...                       # one run on 8 GPUs (DDP, via torchrun)
+    bench sweep ... --launcher slurm              # grids of runs: here, one per GPU, or Slurm arrays (submitit)
     """
 
 

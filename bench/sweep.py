@@ -77,9 +77,10 @@ def parse_data_dirs(values: Sequence[str], datasets: Sequence[str | None]) -> di
     if plain:
         named = [d for d in datasets if d is not None]
         if len(plain) > 1 or len(named) > 1:
-            raise BenchError(f"--data-dir {plain[0]!r} without a dataset name while sweeping "
-                             f"{len(named) or 'the preset'}'s datasets; accepted: --data-dir NAME=DIR for each "
-                             "dataset (e.g. --data-dir cifar10=/data/cifar10)")
+            what = f"{len(named)} datasets ({', '.join(named)})" if len(named) > 1 else "one dataset"
+            raise BenchError(f"--data-dir {plain[0]!r} without a dataset name, given {len(plain)} time(s) while "
+                             f"sweeping {what}; accepted: --data-dir NAME=DIR for each dataset (e.g. --data-dir "
+                             "cifar10=/data/cifar10)")
         for d in named or [None]:
             out[d or "*"] = plain[0]
     return out
@@ -389,7 +390,7 @@ def _launch_local(sp: SweepPlan, opts: LaunchOptions, book: JobBook, echo, quiet
     echo(f"sweep: {len(jobs)} local job(s) ({', '.join(str(j.job_id) for j in jobs)}), logs in {book.folder}")
     if opts.wait:
         for j in jobs:
-            j.result()
+            j.results()
     return Launched(jobs, recs)
 
 
@@ -447,7 +448,7 @@ def _launch_submitit(sp: SweepPlan, opts: LaunchOptions, book: JobBook, cluster:
         echo(f"sweep: {len(pending)} base run(s) submitted ({cluster}): {', '.join(str(j.job_id) for _, j in pending)}")
         if cluster != "slurm":
             for _, job in pending:
-                job.result()
+                job.results()
     after: list[str] = []
     if cluster == "slurm":
         after = sorted({str(base_jobs[b].job_id) for u in sp.todo for b in sp.waits_on.get(u.name, [])
@@ -463,7 +464,7 @@ def _launch_submitit(sp: SweepPlan, opts: LaunchOptions, book: JobBook, cluster:
     echo(f"sweep: {len(submitted)} run(s) submitted ({cluster}), logs in {book.folder}")
     if opts.wait or cluster != "slurm":
         for job in jobs:
-            job.result()
+            job.results()
     return Launched(jobs, recs)
 
 

@@ -269,6 +269,17 @@ def test_per_rank_bn_is_a_different_run(tmp_path):
     assert one.run_name == synced.run_name != local.run_name and local.bn_ranks == 4
 
 
+def test_nproc_is_checked_against_the_visible_gpus(monkeypatch):
+    from bench.dist import check_nproc
+    from bench.errors import BenchError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_nproc(2, "auto") == "nccl" and check_nproc(4, "cpu") == "gloo"
+    with pytest.raises(BenchError, match=r"--nproc 4: only 2 GPU\(s\) are visible; accepted: at most 2"):
+        check_nproc(4, "auto")
+
+
 def test_nproc_errors_are_one_line(capsys, monkeypatch):
     from bench.cli import main
 

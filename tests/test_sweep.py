@@ -225,3 +225,18 @@ def test_a_run_waits_for_the_base_run_another_process_is_training(tmp_path):
                                                                 poll_s=0.1)
     assert time.time() - t0 >= 1.4
     assert said and f"process {sleeper.pid}" in said[0] and "is training: waiting for it" in said[0]
+
+
+def test_a_job_with_two_tasks_is_one_ddp_run(tmp_path):
+    """--gpus-per-run 2: the job's two tasks form one DDP group (submitit's TorchDistributedEnvironment), here two
+    CPU processes under submitit's local executor; the run is the one `bench run` plans, done, recorded as DDP."""
+    req = _req(tmp_path, methods=["pgd-at"], seeds="0", world_size=2)
+    out = launch(SweepSpec(req), LaunchOptions(launcher="slurm", cluster="local", gpus_per_run=2, time_min=10),
+                 echo=lambda s: None)
+    assert [r["phase"] for r in out.records] == ["run"]
+    (p,) = plan(req)
+    run = RunDir.for_config(p.cfg)
+    assert run.is_done()
+    rec = run.read_config()
+    assert rec["device"].startswith("2× cpu") and rec["config"]["world_size"] == 2
+    assert (run.path / "eval.json").is_file() and not list(run.path.rglob("*.tmp"))
