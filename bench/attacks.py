@@ -80,13 +80,17 @@ def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y)
 
 
-def input_grad(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = _ce) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∇_x loss, logits) at x, without touching parameter gradients."""
+def input_grad(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = _ce,
+               seed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∇_x loss, logits) at x, without touching parameter gradients. ``seed``: the loss is seeded with the rank's
+    batch share inside a sharded training step (:func:`bench.dist.seed_loss`) — needed when BatchNorm runs in train
+    mode, whose synchronised statistics couple the ranks' losses; in eval mode every example's gradient is its own
+    and only its scale (1/local batch) differs, which the sign of an attack step ignores."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(x)
         loss = loss_fn(logits, y)
-        (g,) = torch.autograd.grad(seed_loss(loss), x)  # seeded: the single-process gradient on a shard
+        (g,) = torch.autograd.grad(seed_loss(loss) if seed else loss, x)
     return g, logits.detach()
 
 
@@ -111,7 +115,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
             if clip_start:
                 x_adv = x_adv.clamp(0.0, 1.0)
             for _ in range(steps):
-                g, _ = input_grad(fwd, x_adv, y, loss_fn)
+                g, _ = input_grad(fwd, x_adv, y, loss_fn, seed=bn == "train")
                 x_adv = project(x_adv.detach() + step * g.sign(), x, eps)
             if restarts <= 1:
                 return x_adv.detach()
@@ -135,7 +139,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
     x = x.detach()
     with bn_mode(model, bn):
         x0 = (x + uniform_noise(x, eps, generator)).clamp(0.0, 1.0) if random_start else x
-        g, _ = input_grad(fwd, x0, y, loss_fn)
+        g, _ = input_grad(fwd, x0, y, loss_fn, seed=bn == "train")
         return project(x0 + (eps if step is None else step) * g.sign(), x, eps).detach()
 
 
@@ -185,7 +189,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
             chunks = [(a, min(a + chunk, x.shape[0])) for a in starts[r0:r0 + dist.world]]
             fresh = []  # (start, end) of the chunks attacked in this round (not loaded from their files)
             for i, (start, end) in enumerate(chunks):
-                saved = _saved_chunk(state_dir, start, end, state_key)
+                saved = dist.agree(_saved_chunk(state_dir, start, end, state_key))  # rank 0's files decide
                 if saved is not None:
                     flags[start:end] = torch.tensor(saved["robust"], dtype=torch.bool)
                     capture.messages.extend(m for m in saved.get("flags", []) if m not in capture.messages)
@@ -195,8 +199,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
                     flags[start:end] = _autoattack_chunk(model, x[start:end], y[start:end], eps=eps,
                                                          version=version, seed=seed, batch_size=batch_size,
                                                          logger=logger)
-            if dist.enabled and fresh:
-                flags = dist.all_sum(flags.to(torch.int32)) > 0
+            if dist.enabled and fresh:  # (on the device: NCCL reduces GPU tensors only)
+                flags = (dist.all_sum(flags.to(device=x.device, dtype=torch.int32)) > 0).cpu()
                 for msgs in dist.gather_objects(list(capture.messages)):
                     capture.messages.extend(m for m in msgs if m not in capture.messages)
             for start, end in fresh:

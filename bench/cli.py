@@ -287,11 +287,11 @@ def sweep_cmd(launcher, gpus_per_run, parallel, partition, time_min, array_paral
                            partition=partition, time_min=time_min, array_parallelism=array_parallelism,
                            cpus_per_task=cpus_per_task, mem_gb=mem_gb, account=account, qos=qos,
                            constraint=constraint, slurm_args=extra, wait=wait)
-    out = launch(spec, opts_l, sp, echo=click.echo, quiet=quiet)
+    out = launch(spec, opts_l, echo=click.echo, quiet=quiet)
     if out.ran:
         from .records import RunDir
 
-        names = {u.name: u for u in sp.units}
+        names = {u.name: u for u in out.plan.units}
         click.echo(format_table(summary_rows([RunDir.for_config(names[n].cfg) for n in out.ran if n in names])))
 
 

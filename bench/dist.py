@@ -112,6 +112,14 @@ def seed_loss(loss: torch.Tensor) -> torch.Tensor:
     return loss * s.share
 
 
+def rows_like(x: torch.Tensor, m: int) -> torch.Tensor:
+    """An uninitialised tensor of ``m`` rows shaped, typed and laid out (memory format) like ``x``, so that an
+    in-place random fill draws what ``torch.*_like(x)`` would (for m = len(x))."""
+    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.empty((m, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
 def _world_env() -> tuple[int, int, int]:
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
@@ -135,22 +143,26 @@ class Dist:
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_env(cls, device: str = "auto", sync_bn: bool = True, timeout_min: float = 30.0) -> "Dist":
+    def from_env(cls, device: str = "auto", sync_bn: bool = True, timeout_min: float | None = None) -> "Dist":
         """Join the process group that torchrun / submitit described in the environment (``RANK``,
         ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); NCCL when this rank trains on a GPU, gloo
-        on CPUs. Without WORLD_SIZE > 1: :data:`SINGLE`."""
+        on CPUs. Without WORLD_SIZE > 1: :data:`SINGLE`. ``timeout_min``: how long a collective may wait for the
+        other ranks (default ``$AFT_BENCH_DIST_TIMEOUT_MIN`` or 120: one AutoAttack chunk of a large model, which
+        the idle ranks of the last round wait for, fits)."""
         rank, world, local = _world_env()
         if world <= 1:
             return SINGLE
         import torch.distributed as dist
 
-        cuda = rank_device(device, local).type == "cuda"
+        dev = rank_device(device, local)
+        if timeout_min is None:
+            timeout_min = float(os.environ.get("AFT_BENCH_DIST_TIMEOUT_MIN", 120))
         if not dist.is_initialized():
-            if cuda:
-                torch.cuda.set_device(local)
-            dist.init_process_group("nccl" if cuda else "gloo",
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=timeout_min))
-        if not cuda:  # torchrun sets OMP_NUM_THREADS=1; share the cores between the local ranks instead
+        if dev.type != "cuda":  # torchrun sets OMP_NUM_THREADS=1; share the cores between the local ranks instead
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
         return cls(dist.get_rank(), dist.get_world_size(), local, sync_bn=sync_bn)
@@ -291,6 +303,25 @@ class Dist:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def main_only(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run ``fn`` on rank 0 only (a write, taking a lock) and tell every rank how it went: if it raised, every
+        rank raises (a BenchError naming ``what``), so that no rank waits for a rank 0 that has stopped. Returns
+        ``fn``'s result on rank 0, None elsewhere."""
+        if not self.enabled:
+            return fn()
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+                error = e
+        message = self.agree(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if message is not None:
+            raise BenchError(f"rank 0 failed in {what}: {message}")
+        return result
 
     def barrier(self) -> None:
         if self.enabled:

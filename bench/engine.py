@@ -179,6 +179,8 @@ class Trainer:
                                    pad=spec.crop_pad, flip=spec.flip, augment=self.method_cls.loader_augment,
                                    dist=dist)
         self.train_split = train
+        if dist.enabled:
+            self._check_shards(len(train), hp["batch_size"])
         if len(self.loader) == 0:
             raise BenchError(f"the training split has {len(train)} images, fewer than one batch of "
                              f"{hp['batch_size']}" + (f" after holding out the last {held} images of every class "
@@ -210,6 +212,22 @@ class Trainer:
         self.probe_y = probe.y.to(self.device)
         self.metrics: list[dict[str, Any]] = []
         self.start_epoch = 0
+
+    def _check_shards(self, n: int, batch: int) -> None:
+        """Under data parallelism every rank needs rows of every batch: at least one image (synchronised BN) or two
+        (per-rank BN) of each. A last batch that one process trains but the ranks could not share would make the
+        run differ from its one-process self under the same identity: refused."""
+        w = self.dist.world
+        per = 1 if self.dist.sync_bn else 2
+        if batch < per * w:
+            raise BenchError(f"batch size {batch} on {w} processes: every process needs at least {per} image(s) of "
+                             f"each batch; accepted: a batch size ≥ {per * w}, or fewer processes")
+        rest = n % batch
+        if self.dist.sync_bn and 2 <= rest < w:
+            raise BenchError(f"the last batch of every epoch has {rest} images ({n} training images, batch {batch}),"
+                             f" fewer than the {w} processes: one process trains on it, {w} could not, and the run "
+                             f"would not be itself; accepted: at most {rest} processes, or a batch size or --subset "
+                             f"that leaves 0, 1 or at least {w} images over")
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     @property
@@ -365,9 +383,9 @@ class Trainer:
                 row.update(self.probe())
             self.metrics.append(row)
             self.start_epoch = epoch + 1
-            self.save_checkpoint(epoch + 1)
-            self._write_metrics()
-            dist.barrier()  # the epoch ends, on every rank, once rank 0 has its checkpoint on disk
+            # the epoch ends, on every rank, once rank 0 has its checkpoint on disk (or every rank stops if it failed)
+            dist.main_only(lambda: (self.save_checkpoint(epoch + 1), self._write_metrics()),
+                           f"writing the checkpoint of epoch {epoch + 1}")
             self.echo(self.format_row(row, epochs))
             if self.method.stopped:
                 self.echo(f"[{self.tag}] {self.cfg.method} stopped training after epoch {epoch + 1}")

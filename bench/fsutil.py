@@ -86,10 +86,12 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 class RunLock:
-    """An exclusive lock on a run directory, held as ``.lock`` holding ``host pid``.
+    """An exclusive lock on a run directory, held as ``.lock`` holding ``host pid`` (and, inside a Slurm job, its
+    job id: ``host pid job``).
 
     A second process asking for the lock gets a one-line error naming the holder. A lock left by a process that no
-    longer exists on this host is taken over.
+    longer exists on this host is taken over, and so is one left by this very Slurm job (a requeued job may start
+    on another node after its first run was killed).
     """
 
     def __init__(self, run_dir: Path):
@@ -106,12 +108,23 @@ class RunLock:
             return True
         return True
 
-    def holder(self) -> tuple[str, int] | None:
+    def _fields(self) -> list[str]:
         try:
-            host, pid = self.path.read_text().split()
-            return host, int(pid)
-        except (OSError, ValueError):
+            return self.path.read_text().split()
+        except OSError:
+            return []
+
+    def holder(self) -> tuple[str, int] | None:
+        f = self._fields()
+        try:
+            return (f[0], int(f[1])) if len(f) in (2, 3) else None
+        except ValueError:
             return None
+
+    def holder_job(self) -> str | None:
+        """The Slurm job id of the holder, if it took the lock inside a Slurm job."""
+        f = self._fields()
+        return f[2] if len(f) == 3 else None
 
     def is_held_by_other(self) -> bool:
         h = self.holder()
@@ -120,11 +133,15 @@ class RunLock:
         host, pid = h
         if pid == os.getpid() and host == socket.gethostname():
             return False
+        job = self.holder_job()
+        if job is not None and job == os.environ.get("SLURM_JOB_ID"):
+            return False  # this job, requeued: its earlier run was killed
         return host != socket.gethostname() or self._alive(pid)
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = f"{socket.gethostname()} {os.getpid()}\n"
+        job = os.environ.get("SLURM_JOB_ID")
+        me = f"{socket.gethostname()} {os.getpid()}{f' {job}' if job else ''}\n"
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

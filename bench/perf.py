@@ -115,7 +115,7 @@ def engine_step_fn(method, split, device: torch.device, *, batch: int, bf16: boo
 
     loader = DeviceLoader(split, batch, device, seed=seed, drop_last=True)
     if compile_:
-        method.net = torch.compile(method.model)
+        method.net = method.attack_net = torch.compile(method.model)
     state = {"it": iter(()), "epoch": 0}
 
     def step():

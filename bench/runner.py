@@ -230,8 +230,6 @@ class Runner:
         """Train (or resume) and evaluate one run, after its starting model ``base``; a finished run only gets
         the evaluations it lacks. ``grid``: the grid of ``--set`` values the run is a point of (recorded in its
         ``grids.json``; a run may belong to several grids)."""
-        import contextlib
-
         from .engine import Trainer, evaluate_heads, evaluate_run, record_tsne, run_device_name
 
         d = self.dist
@@ -254,16 +252,19 @@ class Runner:
             self.echo(f"[{cfg.method} s{cfg.seed}] already done: {run.path}")
             return run
         dataset = self.dataset(cfg)
-        with run.lock.hold() if d.is_main else contextlib.nullcontext():
-            if d.is_main:
-                run.remove_stale_temporaries()
-                if not run.config.is_file():
-                    run.write_config(cfg, device)
+        lock = run.lock
+
+        def take() -> None:
+            lock.acquire()
+            run.remove_stale_temporaries()
+            if not run.config.is_file():
+                run.write_config(cfg, device)
+
+        d.main_only(take, f"taking the lock of {run.name}")  # a run in use elsewhere stops every rank
+        try:
             if d.agree(run.is_done()):  # (finished by another process while this one waited)
                 evaluate_run(cfg, dataset, run, progress=self.progress, echo=self.echo, dist=d)
-                if d.is_main:
-                    self._backfill_tsne(cfg, dataset, run)
-                d.barrier()
+                d.main_only(lambda: self._backfill_tsne(cfg, dataset, run), f"the t-SNE of {run.name}")
                 return run
             trainer = Trainer(cfg, dataset, run, init_weights=cfg.pretrained_path, progress=self.progress,
                               echo=self.echo, dist=d)
@@ -274,9 +275,10 @@ class Runner:
             evaluate_run(cfg, dataset, run, model, progress=self.progress, echo=self.echo, dist=d)
             evaluate_heads(trainer, echo=self.echo, progress=self.progress)
             record_tsne(trainer, echo=self.echo)
-            if d.is_main:
-                run.mark_done()
-            d.barrier()  # the other ranks go on only once rank 0 has written everything (a later run loads it)
+            # the other ranks go on only once rank 0 has written everything (a later run loads it)
+            d.main_only(run.mark_done, f"finishing {run.name}")
+        finally:
+            lock.release()
         return run
 
     def _wait_while_locked(self, run: RunDir, what: str, poll_s: float = 10.0) -> None:
@@ -284,13 +286,15 @@ class Runner:
         then go on: it is done, or this process takes it over."""
         import time
 
-        if self.dist.is_main and run.lock.is_held_by_other():
-            holder = run.lock.holder()
-            self.echo(f"{what} {run.name}, which process {holder[1] if holder else '?'} on "
-                      f"{holder[0] if holder else '?'} is training: waiting for it")
-            while run.lock.is_held_by_other():
-                time.sleep(poll_s)
-        self.dist.barrier()
+        d = self.dist
+        said = False
+        while d.agree(run.lock.is_held_by_other()):  # every rank polls rank 0's view: no rank waits in a collective
+            if not said:
+                holder = run.lock.holder()
+                self.echo(f"{what} {run.name}, which process {holder[1] if holder else '?'} on "
+                          f"{holder[0] if holder else '?'} is training: waiting for it")
+                said = True
+            time.sleep(poll_s)
 
     @staticmethod
     def _tsne_missing(cfg: RunConfig, run: RunDir) -> bool:

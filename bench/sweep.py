@@ -114,26 +114,40 @@ def expand(spec: SweepSpec) -> list[Unit]:
 
 class JobBook:
     """``<results>/sweeps/jobs.json``: every job a sweep launched (launcher, cluster, job id, host, the runs it
-    does), read and written under a lock so that two launches cannot interleave."""
+    does). A launch plans, submits and records under the book's lock (:meth:`session`), recording each submission
+    as soon as it is made, so that two launches cannot interleave (the second is told the first holds the lock) and
+    a launch that fails half-way keeps the record of what it did submit."""
 
     def __init__(self, results_dir: str | Path):
         self.dir = Path(results_dir) / "sweeps"
         self.path = self.dir / "jobs.json"
         self.folder = self.dir / "submitit"
+        self.jobs: list[dict[str, Any]] | None = None  # inside a session: the list as read under the lock
 
     def read(self) -> list[dict[str, Any]]:
+        if self.jobs is not None:
+            return list(self.jobs)
         return list(read_json(self.path).get("jobs", [])) if self.path.is_file() else []
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[list[dict[str, Any]]]:
-        """The job list, to be appended to; written back when the block ends."""
+    def session(self) -> Iterator["JobBook"]:
+        """Hold the book's lock; :meth:`add` writes through at once."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.dir).hold():
-            jobs = self.read()
-            n = len(jobs)
-            yield jobs
-            if len(jobs) != n:
-                atomic_write_json(self.path, {"jobs": jobs})
+            self.jobs = None
+            self.jobs = self.read()
+            try:
+                yield self
+            finally:
+                self.jobs = None
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        if self.jobs is None:
+            with self.session():
+                self.add(records)
+            return
+        self.jobs.extend(records)
+        atomic_write_json(self.path, {"jobs": self.jobs})
 
     @staticmethod
     def active(job: dict[str, Any]) -> bool:
@@ -167,18 +181,31 @@ def run_state(cfg: RunConfig, running: set[str]) -> str:
     run = RunDir.for_config(cfg)
     if completion(cfg, run) == "complete":
         return "done"
-    if cfg.run_name in running or run.lock.is_held_by_other():
+    if cfg.run_name in running or _lock_is_live(run):
         return "running"
     return "todo"
+
+
+def _lock_is_live(run: RunDir) -> bool:
+    """The run's lock is held by a live process: on this host, by its pid; on another, unless it names a Slurm job
+    that the scheduler no longer runs (a job killed hard leaves its lock behind)."""
+    lock = run.lock
+    if not lock.is_held_by_other():
+        return False
+    holder, job = lock.holder(), lock.holder_job()
+    if holder is not None and holder[0] != socket.gethostname() and job is not None:
+        return JobBook.active({"cluster": "slurm", "job_id": job, "folder": str(run.path)})
+    return True
 
 
 @dataclass
 class SweepPlan:
     units: list[Unit]
     states: dict[str, str]  # run name -> done / running / todo (units and their bases)
-    bases: list[RunConfig]  # the base runs to launch first (todo)
-    todo: list[Unit]  # the units to launch
+    bases: list[RunConfig]  # the base runs to launch first (todo), a unit of the sweep or not
+    todo: list[Unit]  # the units to launch after them (those that are bases are launched as bases)
     waits_on: dict[str, list[str]] = field(default_factory=dict)  # unit -> bases it waits for (launched or running)
+    base_payloads: dict[str, dict[str, Any]] = field(default_factory=dict)  # base run -> what its job runs
 
     def counts(self) -> dict[str, int]:
         out = {"done": 0, "running": 0, "todo": 0}
@@ -187,9 +214,9 @@ class SweepPlan:
         return out
 
 
-def make_plan(spec: SweepSpec) -> SweepPlan:
+def make_plan(spec: SweepSpec, book: JobBook | None = None) -> SweepPlan:
     units = expand(spec)
-    book = JobBook(spec.request.results_dir)
+    book = book or JobBook(spec.request.results_dir)
     running = book.running_runs()
     states: dict[str, str] = {}
     bases: dict[str, RunConfig] = {}
@@ -207,7 +234,11 @@ def make_plan(spec: SweepSpec) -> SweepPlan:
             waits[u.name] = [u.base.run_name]
             if states[u.base.run_name] == "todo":
                 bases.setdefault(u.base.run_name, u.base)
-    return SweepPlan(units, states, list(bases.values()), todo, waits)
+    # a unit that is also a base (natural beside the methods fine-tuning it) is launched once, as a base
+    as_unit = {u.name: u for u in todo}
+    payloads = {n: (as_unit[n].payload() if n in as_unit else b_payload(b)) for n, b in bases.items()}
+    todo = [u for u in todo if u.name not in bases]
+    return SweepPlan(units, states, list(bases.values()), todo, waits, payloads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,6 +317,7 @@ class LaunchOptions:
     qos: str | None = None
     constraint: str | None = None
     slurm_args: dict[str, str] = field(default_factory=dict)
+    max_timeouts: int = 10  # slurm: how many time-outs a job is requeued after (preemptions do not count)
     wait: bool = False  # submitit launchers: block until every job has finished
 
 
@@ -294,6 +326,7 @@ class Launched:
     jobs: list[Any]  # submitit jobs (empty for the in-process launcher)
     records: list[dict[str, Any]]
     ran: list[str] = field(default_factory=list)  # run names done in this process (in-process launcher)
+    plan: SweepPlan | None = None
 
 
 def _record(job: Any, cluster: str, runs: list[str], book: JobBook, phase: str) -> dict[str, Any]:
@@ -306,26 +339,23 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _chains(todo: list[Unit], bases: list[RunConfig], k: int) -> list[list[dict[str, Any]]]:
-    """Split the work into ``k`` sequential chains for the local launcher: every unit rides with the other units of
-    its base (so the base is trained once, first), groups go to the chain with the fewest epochs so far."""
-    groups: dict[str, list[Unit]] = {}
-    for u in todo:
-        groups.setdefault(u.base.run_name if u.base is not None else u.name, []).append(u)
-    base_by_name = {b.run_name: b for b in bases}
+def _chains(sp: SweepPlan, k: int) -> list[list[dict[str, Any]]]:
+    """Split the work into ``k`` sequential chains for the local launcher: a base run and the units that start from
+    it go together (the base first), groups go to the chain with the fewest epochs so far."""
+    groups: dict[str, list[dict[str, Any]]] = {n: [p] for n, p in sp.base_payloads.items()}
+    for u in sp.todo:
+        groups.setdefault(u.base.run_name if u.base is not None and u.base.run_name in groups else u.name,
+                          []).append(u.payload())
     chains: list[list[dict[str, Any]]] = [[] for _ in range(k)]
     load = [0] * k
 
-    def epochs(cfg: RunConfig) -> int:
-        return int(cfg.hp.get("epochs", 1))
+    def epochs(ps: list[dict[str, Any]]) -> int:
+        return sum(int(p["cfg"]["hp"].get("epochs", 1)) for p in ps)
 
-    for key, us in sorted(groups.items(), key=lambda kv: -sum(epochs(u.cfg) for u in kv[1])):
+    for ps in sorted(groups.values(), key=lambda ps: -epochs(ps)):
         i = min(range(k), key=lambda j: load[j])
-        if key in base_by_name:
-            load[i] += epochs(base_by_name[key])
-        for u in us:
-            chains[i].append(u.payload())
-            load[i] += epochs(u.cfg)
+        chains[i].extend(ps)
+        load[i] += epochs(ps)
     return [c for c in chains if c]
 
 
@@ -338,60 +368,61 @@ def visible_gpus() -> int:
         return 0
 
 
-def launch(spec: SweepSpec, opts: LaunchOptions, plan_: SweepPlan | None = None,
-           echo: Callable[[str], None] = print, quiet: bool = True) -> Launched:
-    """Launch what ``plan_`` (default: :func:`make_plan`) says is to do; records every job in ``jobs.json``."""
+def launch(spec: SweepSpec, opts: LaunchOptions, echo: Callable[[str], None] = print,
+           quiet: bool = True) -> Launched:
+    """Plan (under the job book's lock, so that the plan sees every earlier launch) and launch what is neither done
+    nor running; every job is recorded in ``jobs.json`` as soon as it is submitted."""
     if opts.launcher not in LAUNCHERS:
         raise BenchError(f"unknown --launcher {opts.launcher!r}; accepted: {', '.join(LAUNCHERS)}")
     if opts.cluster not in CLUSTERS:
         raise BenchError(f"unknown --cluster {opts.cluster!r}; accepted: {', '.join(CLUSTERS)}")
-    sp = plan_ or make_plan(spec)
     book = JobBook(spec.request.results_dir)
-    if not sp.todo:
-        return Launched([], [])
-    if opts.launcher == "local":
-        return _launch_local(sp, opts, book, echo, quiet)
-    return _launch_submitit(sp, opts, book, opts.cluster, echo)
+    inline: list[dict[str, Any]] = []
+    with book.session():
+        sp = make_plan(spec, book)
+        if not sp.todo and not sp.bases:
+            return Launched([], [], plan=sp)
+        if opts.launcher == "local":
+            out = _launch_local(sp, opts, book, echo)
+            inline = [] if out.jobs else [*sp.base_payloads.values(), *(u.payload() for u in sp.todo)]
+        else:
+            out = _launch_submitit(sp, opts, book, opts.cluster, echo)
+    if inline:  # the in-process launcher runs after the book is released: its record says it is running
+        out.ran = run_payloads(inline, quiet=quiet)
+    if opts.wait or (opts.launcher == "slurm" and opts.cluster != "slurm"):
+        for job in out.jobs:
+            job.results()
+    return out
 
 
-def _launch_local(sp: SweepPlan, opts: LaunchOptions, book: JobBook, echo, quiet: bool) -> Launched:
+def _launch_local(sp: SweepPlan, opts: LaunchOptions, book: JobBook, echo) -> Launched:
     gpus = visible_gpus()
     k = opts.parallel if opts.parallel is not None else max(1, gpus // max(opts.gpus_per_run, 1))
     if gpus and k * opts.gpus_per_run > gpus:
         raise BenchError(f"--parallel {k} × --gpus-per-run {opts.gpus_per_run} needs {k * opts.gpus_per_run} GPUs; "
                          f"{gpus} are visible")
-    if k == 1 and opts.gpus_per_run == 1:  # one after another, in this process
-        payloads = [b_payload(b) for b in sp.bases] + [u.payload() for u in sp.todo]
+    if k == 1 and opts.gpus_per_run == 1:  # one after another, in this process (launch() runs them)
+        runs = [*sp.base_payloads, *(u.name for u in sp.todo)]
         rec = {"job_id": str(os.getpid()), "cluster": "inline", "host": socket.gethostname(), "pid": os.getpid(),
-               "folder": None, "runs": [RunConfig.from_dict(p["cfg"]).run_name for p in payloads], "phase": "all",
-               "submitted": _now()}
-        with book.locked() as jobs:
-            jobs.append(rec)
-        echo(f"sweep: running {len(payloads)} run(s) here, one after another")
-        return Launched([], [rec], run_payloads(payloads, quiet=quiet))
+               "folder": None, "runs": runs, "phase": "all", "submitted": _now()}
+        book.add([rec])
+        echo(f"sweep: running {len(runs)} run(s) here, one after another")
+        return Launched([], [rec], plan=sp)
     import submitit
 
-    chains = _chains(sp.todo, sp.bases, k)
     ex = submitit.LocalExecutor(folder=str(book.folder / "%j"))
     jobs, recs = [], []
-    for i, chain in enumerate(chains):
+    for i, chain in enumerate(_chains(sp, k)):
         g = opts.gpus_per_run
-        ex.update_parameters(timeout_min=opts.time_min, tasks_per_node=g,
-                             gpus_per_node=g if gpus else 0,
+        ex.update_parameters(timeout_min=opts.time_min, tasks_per_node=g, gpus_per_node=g if gpus else 0,
                              visible_gpus=tuple(range(i * g, (i + 1) * g)) if gpus else ())
         job = ex.submit(SweepJob(chain))
-        runs = [RunConfig.from_dict(p["cfg"]).run_name for p in chain]
-        bases = [RunConfig.from_dict(p["base"]).run_name for p in chain if p.get("base")]
-        rec = _record(job, "local", list(dict.fromkeys(bases + runs)), book, "chain")
+        rec = _record(job, "local", [RunConfig.from_dict(p["cfg"]).run_name for p in chain], book, "chain")
+        book.add([rec])
         jobs.append(job)
         recs.append(rec)
-    with book.locked() as booked:
-        booked.extend(recs)
     echo(f"sweep: {len(jobs)} local job(s) ({', '.join(str(j.job_id) for j in jobs)}), logs in {book.folder}")
-    if opts.wait:
-        for j in jobs:
-            j.results()
-    return Launched(jobs, recs)
+    return Launched(jobs, recs, plan=sp)
 
 
 def b_payload(base: RunConfig) -> dict[str, Any]:
@@ -400,13 +431,15 @@ def b_payload(base: RunConfig) -> dict[str, Any]:
 
 def executor_params(opts: LaunchOptions, cluster: str, after: Sequence[str] = ()) -> dict[str, Any]:
     """submitit (AutoExecutor) parameters of a sweep's jobs; ``after``: Slurm job ids they must wait for
-    (``--dependency=afterok:...``)."""
+    (``--dependency=afterok:...``, and ``--kill-on-invalid-dep=yes`` so that a job whose base failed is cancelled
+    instead of pending for ever)."""
     g = opts.gpus_per_run
     params: dict[str, Any] = {"timeout_min": opts.time_min, "name": "aft-bench", "nodes": 1, "tasks_per_node": g,
                               "slurm_array_parallelism": opts.array_parallelism}
     if cluster != "slurm":
         return params
     params["gpus_per_node"] = g
+    params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]  # a failed task stops its DDP group at once
     for key, value in (("partition", opts.partition), ("account", opts.account), ("qos", opts.qos),
                        ("constraint", opts.constraint)):
         if value:
@@ -418,6 +451,7 @@ def executor_params(opts: LaunchOptions, cluster: str, after: Sequence[str] = ()
     extra: dict[str, Any] = dict(opts.slurm_args)
     if after:
         extra["dependency"] = "afterok:" + ":".join(after)
+        extra["kill-on-invalid-dep"] = "yes"
     if extra:
         params["slurm_additional_parameters"] = extra
     return params
@@ -426,53 +460,61 @@ def executor_params(opts: LaunchOptions, cluster: str, after: Sequence[str] = ()
 def _executor(opts: LaunchOptions, book: JobBook, cluster: str, after: Sequence[str] = ()):
     import submitit
 
-    ex = submitit.AutoExecutor(folder=str(book.folder / "%j"), cluster=cluster)
+    kw = {"slurm_max_num_timeout": opts.max_timeouts} if cluster == "slurm" else {}
+    ex = submitit.AutoExecutor(folder=str(book.folder / "%j"), cluster=cluster, **kw)
     ex.update_parameters(**executor_params(opts, cluster, after))
     return ex
 
 
 def _launch_submitit(sp: SweepPlan, opts: LaunchOptions, book: JobBook, cluster: str, echo) -> Launched:
-    """Phase 1: an array of the missing base runs; phase 2: an array of the runs, each job one run. On Slurm the
-    second array waits for the first (and for any earlier job still training a base it needs) with
-    ``--dependency=afterok``; the stand-in executors run here, so the launcher waits for phase 1 itself."""
+    """Phase 1: an array of the missing base runs; phase 2: the runs, one job each, in arrays that share their
+    dependencies. On Slurm a run's job waits for its own base (``--dependency=afterok`` on the new base job, or on
+    an earlier job still training it); the stand-in executors run here, so the launcher waits for phase 1 itself."""
     jobs, recs = [], []
-    base_jobs: dict[str, Any] = {}
+    base_jobs: dict[str, str] = {}
     if sp.bases:
         ex = _executor(opts, book, cluster)
+        names = list(sp.base_payloads)
         with ex.batch():
-            pending = [(b, ex.submit(SweepJob([b_payload(b)]))) for b in sp.bases]
-        for b, job in pending:
-            base_jobs[b.run_name] = job
-            jobs.append(job)
-            recs.append(_record(job, cluster, [b.run_name], book, "base"))
-        echo(f"sweep: {len(pending)} base run(s) submitted ({cluster}): {', '.join(str(j.job_id) for _, j in pending)}")
+            submitted = [ex.submit(SweepJob([sp.base_payloads[n]])) for n in names]
+        new = [_record(job, cluster, [n], book, "base") for n, job in zip(names, submitted)]
+        book.add(new)
+        base_jobs = {n: str(job.job_id) for n, job in zip(names, submitted)}
+        jobs += submitted
+        recs += new
+        echo(f"sweep: {len(submitted)} base run(s) submitted ({cluster}): "
+             f"{', '.join(str(j.job_id) for j in submitted)}")
         if cluster != "slurm":
-            for _, job in pending:
+            for job in submitted:
                 job.results()
-    after: list[str] = []
-    if cluster == "slurm":
-        after = sorted({str(base_jobs[b].job_id) for u in sp.todo for b in sp.waits_on.get(u.name, [])
-                        if b in base_jobs} | _running_base_jobs(sp, book))
-    ex = _executor(opts, book, cluster, after)
-    with ex.batch():
-        submitted = [(u, ex.submit(SweepJob([u.payload()]))) for u in sp.todo]
-    for u, job in submitted:
-        jobs.append(job)
-        recs.append(_record(job, cluster, [u.name], book, "run"))
-    with book.locked() as booked:
-        booked.extend(recs)
-    echo(f"sweep: {len(submitted)} run(s) submitted ({cluster}), logs in {book.folder}")
-    if opts.wait or cluster != "slurm":
-        for job in jobs:
-            job.results()
-    return Launched(jobs, recs)
+    earlier = _active_jobs_by_run(book) if cluster == "slurm" else {}
+    groups: dict[tuple[str, ...], list[Unit]] = {}
+    for u in sp.todo:
+        after: set[str] = set()
+        if cluster == "slurm":
+            for b in sp.waits_on.get(u.name, []):
+                after |= {base_jobs[b]} if b in base_jobs else earlier.get(b, set())
+        groups.setdefault(tuple(sorted(after)), []).append(u)
+    for after_ids, units in groups.items():
+        ex = _executor(opts, book, cluster, after_ids)
+        with ex.batch():
+            submitted = [ex.submit(SweepJob([u.payload()])) for u in units]
+        new = [_record(job, cluster, [u.name], book, "run") for u, job in zip(units, submitted)]
+        book.add(new)
+        jobs += submitted
+        recs += new
+    echo(f"sweep: {len(sp.todo)} run(s) submitted ({cluster}), logs in {book.folder}")
+    return Launched(jobs, recs, plan=sp)
 
 
-def _running_base_jobs(sp: SweepPlan, book: JobBook) -> set[str]:
-    """Slurm ids of earlier, still active jobs that train a base some unit of this launch waits for."""
-    waiting = {b for bs in sp.waits_on.values() for b in bs if sp.states.get(b) == "running"}
-    return {str(j["job_id"]) for j in book.read() if j.get("cluster") == "slurm" and book.active(j)
-            and waiting & set(j.get("runs", []))}
+def _active_jobs_by_run(book: JobBook) -> dict[str, set[str]]:
+    """Run name -> Slurm ids of the earlier jobs that are still active and do it."""
+    out: dict[str, set[str]] = {}
+    for j in book.read():
+        if j.get("cluster") == "slurm" and book.active(j):
+            for r in j.get("runs", []):
+                out.setdefault(r, set()).add(str(j["job_id"]))
+    return out
 
 
 def describe(sp: SweepPlan) -> list[str]:

@@ -30,7 +30,7 @@ dataset's own statistics). Since c = 0.01 compares against ‖∇ₓ‖ in input
 scale-free: with normalisation every ‖∇ₓ‖ grows by about 1/std ≈ 4.4, shifting η towards its lower bound.
 
 Under data parallelism (bench.dist) the crops and flips are those of the global batch, the input gradient is that of
-the global-batch mean CE (``input_grad`` seeds the loss with the rank's share of the batch: ‖∇ₓ‖ sets η), and after
+the global-batch mean CE (the local one rescaled by the rank's share of the batch: ‖∇ₓ‖ sets η), and after
 every step the updated rows of δ and v of the whole global batch are gathered and written on every rank.
 """
 from __future__ import annotations
@@ -159,7 +159,11 @@ class ATAS(Method):
             d_aug = crop_flip(self.delta[idx], oy, ox, flip, h, w)
             x_init = (x_aug + d_aug).clamp(0.0, 1.0)
         self.model.eval()
-        g, _ = input_grad(self.attack_net, x_init, y)  # seeded: ‖g_i‖ is the single-process one on a shard
+        g, _ = input_grad(self.attack_net, x_init, y)
+        if batch.shard is not None and batch.shard.size != batch.shard.total:
+            # eval mode: example i's gradient is its own, scaled by 1/(local batch) where one process has 1/(global
+            # batch); ‖g_i‖ sets the step, so it is rescaled to the single-process value
+            g = g * batch.shard.share
         eta = self.step_sizes(g, idx, epoch, batch.all_idx)
         with torch.no_grad():
             x_adv = x_init + eta[:, None, None, None] * g.sign()

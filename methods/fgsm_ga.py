@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import bn_mode, input_grad, uniform_noise
-from bench.dist import seed_loss
+from bench.dist import SINGLE, Dist, current_shard, seed_loss
 from bench.errors import BenchError
 
 from .base import Method, register_method
@@ -35,16 +35,29 @@ def gradalign_lambda(eps: float) -> float:
     return math.exp(eps * 255.0 * math.log(10.0) / 8.0 + math.log(0.02))
 
 
-def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor, dist: Dist = SINGLE) -> torch.Tensor:
     """1 − mean cosine of the per-example input gradients over the examples where both norms are non-zero (0 when
-    none is). ``g1`` is expected detached; gradients flow through ``g2``."""
+    none is). ``g1`` is expected detached; gradients flow through ``g2``.
+
+    On a shard of a global batch (``dist``, inside a training step) the mean runs over the kept examples of the
+    *global* batch: the value returned is scaled so that the ranks' share-weighted sum (what the seeded losses add
+    up to) is the single-process value, every rank takes the same branch, and every rank's ``g2`` stays in the
+    graph (the double backward through synchronised BN is a collective)."""
     a, b = g1.flatten(1).float(), g2.flatten(1).float()
     na, nb = a.norm(dim=1), b.norm(dim=1)
     keep = (na != 0) & (nb != 0)
-    if not bool(keep.any()):
-        return torch.zeros((), device=g2.device)
-    cos = ((a[keep] / na[keep, None]) * (b[keep] / nb[keep, None])).sum(dim=1)
-    return 1.0 - cos.mean()
+    shard = current_shard()
+    if not dist.enabled or shard is None:
+        if not bool(keep.any()):
+            return torch.zeros((), device=g2.device)
+        cos = ((a[keep] / na[keep, None]) * (b[keep] / nb[keep, None])).sum(dim=1)
+        return 1.0 - cos.mean()
+    kept = dist.all_sum(keep.sum().float())
+    if not bool(kept > 0):
+        return (b * 0).sum()  # 0, with g2 in the graph on every rank
+    one = torch.ones_like(na)
+    cos = ((a / torch.where(keep, na, one)[:, None]) * (b / torch.where(keep, nb, one)[:, None])).sum(dim=1)
+    return 1.0 - (cos * keep).sum() / (kept * shard.share)
 
 
 @register_method
@@ -86,14 +99,14 @@ class FGSMGA(Method):
         x, y, eps = batch.x, batch.y, self.hp["eps"]
         self.model.train()
         with bn_mode(self.model, "train"):
-            g1, _ = input_grad(self.attack_net, x, y)  # at δ = 0; returned detached
+            g1, _ = input_grad(self.attack_net, x, y, seed=True)  # at δ = 0, train mode; returned detached
         delta = (self.hp["fgsm_alpha"] * eps * g1.sign()).clamp(-eps, eps)
         x_adv = (x + delta).clamp(0.0, 1.0).detach()
         logits = self.net(x_adv)
         ce = F.cross_entropy(logits.float(), y)
         reg = torch.zeros((), device=x.device)
         if self.lam != 0:
-            reg = self.lam * gradalign_reg(g1, self.grad2(x, y))
+            reg = self.lam * gradalign_reg(g1, self.grad2(x, y), self.dist)
         loss = ce + reg
         self.ce_step(self.optimizer, loss)
         return {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_gradalign": reg.detach(),

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import bn_mode, project
-from bench.dist import per_example, seed_loss
+from bench.dist import per_example, rows_like
 
 from .base import Method, register_method
 
@@ -40,12 +40,11 @@ def trades_attack(model, x: torch.Tensor, *, eps: float, step: float, steps: int
     with bn_mode(model, "eval"):
         with torch.no_grad():
             target = fwd(x).detach()
-        x_adv = x + init_std * per_example(lambda m: torch.randn((m, *x.shape[1:]), device=x.device, dtype=x.dtype),
-                                           x.shape[0])
+        x_adv = x + init_std * per_example(lambda m: rows_like(x, m).normal_(), x.shape[0])
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(seed_loss(kl_sum(fwd(x_adv), target)), x_adv)
+                (g,) = torch.autograd.grad(kl_sum(fwd(x_adv), target), x_adv)
             x_adv = project(x_adv.detach() + step * g.sign(), x, eps)
     return x_adv.detach()
 

@@ -106,20 +106,23 @@ def step_setup(name: str, d, total: int):
     return method, batch
 
 
-def step_worker(d, out, name: str, total: int, variant: str = "") -> dict:
-    """One training step of ``name`` on this rank's rows of a fixed batch; ``variant``: "no-reduce" (AFD's
-    gradient all-reduce skipped) or "no-ddp" (the training forward not wrapped in DDP): the controls that show the
-    equality test can fail."""
-    method, batch = step_setup(name, d, total)
-    if variant == "no-reduce":
-        method.dist = copy.copy(method.dist)
-        method.dist.reduce_grads_ = lambda grads: None
-    if method.grad_sync == "ddp" and variant != "no-ddp":
-        method.net = d.wrap(method.model)
-    torch.manual_seed(1)  # the global RNG of the step (PGD's random start), the same on every rank
-    with d.step(batch.shard):
-        method.train_step(batch, 0, 0)
-    return {k: v.detach().clone() for k, v in method.model.state_dict().items()}
+def step_worker(d, out, names: list[str], total: int, controls: bool = False) -> dict:
+    """One training step of each method of ``names`` on this rank's rows of a fixed batch. ``controls``: the same
+    step with the reduction left out — AFD's gradient all-reduce skipped, the other methods' training forward not
+    wrapped in DDP — which must not give the one-process step (so the equality test can fail)."""
+    result = {}
+    for name in names:
+        method, batch = step_setup(name, d, total)
+        if controls and method.grad_sync == "manual":
+            method.dist = copy.copy(method.dist)
+            method.dist.reduce_grads_ = lambda grads: None
+        if method.grad_sync == "ddp" and not controls:
+            method.net = d.wrap(method.model)
+        torch.manual_seed(1)  # the global RNG of the step (PGD's random start), the same on every rank
+        with d.step(batch.shard):
+            method.train_step(batch, 0, 0)
+        result[name] = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
+    return result
 
 
 def single_step(name: str, total: int) -> dict:
@@ -163,3 +166,25 @@ def check_same_worker(d, out, perturb: bool) -> dict:
     except BenchError as e:
         return {"raised": str(e)}
 
+
+
+def gradalign_inputs(zero_rows):
+    torch.manual_seed(0)
+    g1, g2 = torch.randn(7, 3, 4, 4), torch.randn(7, 3, 4, 4)
+    g1[list(zero_rows)] = 0
+    return g1, g2
+
+
+def gradalign_worker(d, out, zero_rows) -> dict:
+    """GradAlign's regulariser on this rank's rows (some gradients zero): its share-weighted value and the
+    gradient it sends into g₂."""
+    from bench.dist import seed_loss
+    from methods.fgsm_ga import gradalign_reg
+
+    g1, g2 = gradalign_inputs(zero_rows)
+    s = d.shard(7)
+    g2l = g2[s.rows].clone().requires_grad_(True)
+    with d.step(s):
+        reg = gradalign_reg(g1[s.rows], g2l, d)
+        seed_loss(reg).backward()
+    return {"weighted": float(reg.detach()) * s.share, "grad": g2l.grad}

@@ -120,20 +120,32 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].dtype.is_floating_point)
 
 
-@pytest.mark.parametrize("name", ["natural", "pgd-at", "afd", "atas", "free-at"])
-def test_one_step_on_an_uneven_split_is_the_single_process_step(tmp_path, name):
-    """7 images on 2 ranks (4 + 3): the weights after one step equal one process's; AFD's G₁, G₂, G₃ are reduced
-    before its three optimiser steps. Without the reduction (the controls) they do not."""
+STEP_METHODS = ["natural", "pgd-at", "trades", "free-at", "fgsm-rs", "fgsm-ga", "atas", "vaft", "afkd", "arrest",
+                "afd", "afd-literal", "vaft+d", "vaft+a"]
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    """One step of every method on 2 ranks (7 images: 4 + 3), with and without the reduction (two process groups).
+    RiFT's training step is natural training of one weight; its stages are deterministic and run on every rank."""
+    root = tmp_path_factory.mktemp("steps")
+    return {"ok": W.spawn(W.step_worker, 2, root / "ok", STEP_METHODS, 7),
+            "controls": W.spawn(W.step_worker, 2, root / "ctl", STEP_METHODS, 7, True)}
+
+
+@pytest.mark.parametrize("name", STEP_METHODS)
+def test_one_step_on_an_uneven_split_is_the_single_process_step(steps, name):
+    """7 images on 2 ranks (4 + 3): the weights after one step equal one process's — the per-example draws (PGD,
+    FGSM and TRADES starts, ATAS's crops) are the global batch's, ATAS's step sizes and buffers, Free-AT's δ,
+    ARREST's replay test and GradAlign's mean over the global batch; AFD's G₁, G₂, G₃ are reduced before its three
+    optimiser steps. Without the reduction (the controls) they do not."""
     ref = W.single_step(name, 7)
-    ranks = W.spawn(W.step_worker, 2, tmp_path / "ok", name, 7)
     moved = max(float((ref[k].double() - v.double()).abs().max())
                 for k, v in W.step_setup(name, SINGLE, 7)[0].model.state_dict().items() if v.dtype.is_floating_point)
     assert moved > 1e-3  # the step moves the weights
-    for r in ranks:
-        assert _max_diff(r, ref) < 1e-5 * max(1.0, moved), name
-    control = "no-reduce" if name == "afd" else "no-ddp"
-    bad = W.spawn(W.step_worker, 2, tmp_path / "ctl", name, 7, control)
-    assert max(_max_diff(r, ref) for r in bad) > 1e-3 * moved, f"{name}: the control should differ"
+    for r in steps["ok"]:
+        assert _max_diff(r[name], ref) < 1e-5 * max(1.0, moved), name
+    assert max(_max_diff(r[name], ref) for r in steps["controls"]) > 1e-3 * moved, f"{name}: the control differs"
 
 
 def test_evaluation_shards_and_gathers_the_single_process_record(tmp_path):
@@ -292,3 +304,43 @@ def test_nproc_errors_are_one_line(capsys, monkeypatch):
             main()
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and pattern in err, err
+
+
+def test_batches_the_ranks_cannot_share_are_refused(tmp_path, synthetic):
+    """A batch smaller than the ranks, or a last batch one process trains on but the ranks could not share (it
+    would change the run under the same identity): one-line errors before anything trains."""
+    from bench.engine import Trainer
+    from bench.errors import BenchError
+    from bench.records import RunDir
+    from bench.runner import RunRequest, plan
+
+    def trainer(batch, world, sync=True):
+        req = RunRequest(preset="smoke", methods=["natural"], subset=16, batch_size=batch, device="cpu",
+                         results_dir=str(tmp_path), world_size=world, sync_bn=sync)
+        cfg = plan(req)[0].cfg
+        return Trainer(cfg, synthetic, RunDir(tmp_path / cfg.run_name), progress=False, echo=lambda s: None,
+                       dist=Dist(0, world, sync_bn=sync))
+
+    with pytest.raises(BenchError, match=r"the last batch of every epoch has 2 images \(160 training images, batch "
+                                         r"79\), fewer than the 3 processes.*accepted: at most 2 processes"):
+        trainer(79, 3)
+    with pytest.raises(BenchError, match=r"batch size 2 on 3 processes: every process needs at least 1 image"):
+        trainer(2, 3)
+    with pytest.raises(BenchError, match=r"batch size 5 on 3 processes: every process needs at least 2 image"):
+        trainer(5, 3, sync=False)
+    assert len(trainer(79, 2).loader) == 3  # 79 + 79 + 2: the last 2 images shared 1 + 1
+
+
+@pytest.mark.parametrize("zero_rows", [(1,), (0, 1, 2, 3)])
+def test_gradalign_mean_runs_over_the_global_batch(tmp_path, zero_rows):
+    """GradAlign averages the cosine over the examples whose gradients are non-zero — of the whole global batch, also
+    when a rank has none (then it still joins every collective)."""
+    from methods.fgsm_ga import gradalign_reg
+
+    g1, g2 = W.gradalign_inputs(zero_rows)
+    g2 = g2.clone().requires_grad_(True)
+    ref = gradalign_reg(g1, g2)
+    ref.backward()
+    ranks = W.spawn(W.gradalign_worker, 2, tmp_path, zero_rows)
+    assert sum(r["weighted"] for r in ranks) == pytest.approx(float(ref.detach()), abs=1e-6)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), g2.grad, rtol=1e-5, atol=1e-7)

@@ -313,9 +313,9 @@ def test_fgsm_ga_regulariser_reaches_the_weights_only_through_g2(monkeypatch):
     b = _batch()
     seen = {}
 
-    def spy(g1, g2):
+    def spy(g1, g2, dist):
         seen.update(g1=g1, g2=g2)
-        return gradalign_reg(g1, g2)
+        return gradalign_reg(g1, g2, dist)
 
     monkeypatch.setattr(ga, "gradalign_reg", spy)
     modes = _record_modes(m.model)

@@ -57,11 +57,11 @@ def test_local_launcher_runs_here_and_launching_again_launches_nothing(tmp_path)
     spec = SweepSpec(req)
     sp = make_plan(spec)
     assert sp.counts() == {"done": 0, "running": 0, "todo": 4} and len(sp.bases) == 2
-    out = launch(spec, LaunchOptions(launcher="local"), sp, echo=lambda s: None)
+    out = launch(spec, LaunchOptions(launcher="local"), echo=lambda s: None)
     assert out.ran == [b.run_name for b in sp.bases] + [u.name for u in sp.todo]  # the bases first
     again = make_plan(spec)
     assert again.counts() == {"done": 4, "running": 0, "todo": 0} and not again.bases
-    assert launch(spec, LaunchOptions(launcher="local"), again).records == []
+    assert launch(spec, LaunchOptions(launcher="local")).records == []
 
 
 def _wait_for(pred, timeout=300.0, every=0.5):
@@ -98,11 +98,11 @@ def test_runs_held_by_a_live_job_or_process_are_not_launched(tmp_path):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         book = JobBook(req.results_dir)
-        with book.locked() as jobs:  # an earlier launch whose job (a live process here) holds the first run
-            jobs.append({"job_id": str(sleeper.pid), "cluster": "local", "host": socket.gethostname(),
-                         "pid": sleeper.pid, "folder": None, "runs": [names[0]], "phase": "run"})
-            jobs.append({"job_id": "1", "cluster": "local", "host": socket.gethostname(), "pid": 2 ** 22 + 7,
-                         "folder": None, "runs": [names[1]], "phase": "run"})  # a dead process: not running
+        book.add([  # an earlier launch whose job (a live process here) holds the first run
+            {"job_id": str(sleeper.pid), "cluster": "local", "host": socket.gethostname(), "pid": sleeper.pid,
+             "folder": None, "runs": [names[0]], "phase": "run"},
+            {"job_id": "1", "cluster": "local", "host": socket.gethostname(), "pid": 2 ** 22 + 7, "folder": None,
+             "runs": [names[1]], "phase": "run"}])  # a dead process: not running
         lock = tmp_path / "results" / "runs" / names[2] / ".lock"
         lock.parent.mkdir(parents=True)
         lock.write_text(f"{socket.gethostname()} {sleeper.pid}\n")  # a live process trains the third run
@@ -240,3 +240,94 @@ def test_a_job_with_two_tasks_is_one_ddp_run(tmp_path):
     rec = run.read_config()
     assert rec["device"].startswith("2× cpu") and rec["config"]["world_size"] == 2
     assert (run.path / "eval.json").is_file() and not list(run.path.rglob("*.tmp"))
+
+
+def test_a_run_that_is_also_a_base_is_launched_once_as_a_base(tmp_path):
+    req = _req(tmp_path, methods=["natural", "vaft", "pgd-at"], seeds="0")
+    sp = make_plan(SweepSpec(req))
+    (nat,) = [u for u in sp.units if u.cfg.method == "natural"]
+    assert [b.run_name for b in sp.bases] == [nat.name] and nat.name not in [u.name for u in sp.todo]
+    assert sp.base_payloads[nat.name] == nat.payload()
+    assert sorted(u.cfg.method for u in sp.todo) == ["pgd-at", "vaft"]
+
+
+class _FakeJob:
+    def __init__(self, n):
+        self.job_id = str(n)
+
+    def results(self):
+        return []
+
+
+class _FakeExecutor:
+    """Stands in for submitit's Slurm executor: records what would be submitted with which dependency."""
+
+    counter = [1000]
+    submitted: list = []
+
+    def __init__(self, after):
+        self.after = tuple(after)
+
+    def batch(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def submit(self, job):
+        self.counter[0] += 1
+        self.submitted.append((self.after, [p["cfg"]["method"] for p in job.payloads], str(self.counter[0])))
+        return _FakeJob(self.counter[0])
+
+
+def test_each_slurm_job_waits_only_for_its_own_base(tmp_path, monkeypatch):
+    """Bases in the first array; each run's job depends on its own base's job only (a failed base cancels just its
+    own runs, --kill-on-invalid-dep); a relaunch while an earlier job still trains a base makes the new runs wait
+    for that job."""
+    import bench.sweep as sweep
+
+    _FakeExecutor.submitted = []
+    monkeypatch.setattr(sweep, "_executor", lambda opts, book, cluster, after=(): _FakeExecutor(after))
+    req = _req(tmp_path, methods=["pgd-at", "vaft", "afkd"], seeds="0,1")
+    spec = SweepSpec(req)
+    launch(spec, LaunchOptions(launcher="slurm", cluster="slurm"), echo=lambda s: None)
+    subs = _FakeExecutor.submitted
+    assert len([s for s in subs if s[1] == ["natural"]]) == 2 and all(s[0] == () for s in subs[:2])
+    base_ids = [jid for _, m, jid in subs if m == ["natural"]]
+    runs = [(after, m[0]) for after, m, _ in subs if m != ["natural"]]
+    assert sorted(a for a, m in runs if m == "pgd-at") == [(), ()]  # from scratch: no dependency
+    ft = [a for a, m in runs if m in ("vaft", "afkd")]
+    assert sorted(ft) == sorted([(base_ids[0],)] * 2 + [(base_ids[1],)] * 2)  # each on its own seed's base
+    # relaunch: the earlier jobs count as active (pending on the cluster) -> nothing new is launched
+    monkeypatch.setattr(sweep.JobBook, "active", staticmethod(lambda job: True))
+    _FakeExecutor.submitted = []
+    assert launch(spec, LaunchOptions(launcher="slurm", cluster="slurm")).jobs == [] and not _FakeExecutor.submitted
+    # a new method on the same bases while they still train: it waits for the earlier base jobs
+    spec2 = SweepSpec(_req(tmp_path, methods=["arrest"], seeds="0,1"))
+    launch(spec2, LaunchOptions(launcher="slurm", cluster="slurm"), echo=lambda s: None)
+    assert sorted(a for a, m, _ in _FakeExecutor.submitted) == sorted([(base_ids[0],), (base_ids[1],)])
+    params = sweep.executor_params(LaunchOptions(launcher="slurm"), "slurm", after=["7"])
+    assert params["slurm_additional_parameters"] == {"dependency": "afterok:7", "kill-on-invalid-dep": "yes"}
+    assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock_on_another_node(tmp_path, monkeypatch):
+    """A job killed hard leaves its run's lock; requeued (same job id) on another node it takes the lock over, and
+    a sweep does not count a run as running when its lock names a job the scheduler no longer runs."""
+    import bench.sweep as sweep
+    from bench.fsutil import RunLock
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    (run.path / ".lock").write_text("node07 4242 777\n")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert RunLock(run.path).is_held_by_other()
+    with pytest.raises(BenchError, match="in use by process 4242 on node07"):
+        RunLock(run.path).acquire()
+    monkeypatch.setattr(sweep.JobBook, "active", staticmethod(lambda job: job["job_id"] != "777"))
+    assert not sweep._lock_is_live(run)  # job 777 is over: a stale lock
+    monkeypatch.setenv("SLURM_JOB_ID", "777")  # the requeued job itself
+    lock = RunLock(run.path)
+    assert not lock.is_held_by_other()
+    lock.acquire()
+    assert (run.path / ".lock").read_text().split()[1:] == [str(os.getpid()), "777"]
+    lock.release()
