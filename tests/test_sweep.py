@@ -331,3 +331,24 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock_on_another_node(tmp_path, 
     lock.acquire()
     assert (run.path / ".lock").read_text().split()[1:] == [str(os.getpid()), "777"]
     lock.release()
+
+
+def test_local_launcher_runs_in_parallel_jobs_each_base_with_its_runs(tmp_path):
+    """--launcher local --parallel 2: two submitit local jobs (one per GPU where there are GPUs; CPU processes here),
+    every base run in the same job as the runs that start from it, before them; all done, nothing launched again."""
+    import bench.sweep as sweep
+
+    req = _req(tmp_path, methods=["vaft", "afkd", "pgd-at"], seeds="0,1")
+    spec = SweepSpec(req)
+    sp = make_plan(spec)
+    chains = sweep._chains(sp, 2)
+    assert len(chains) == 2 and sum(len(c) for c in chains) == len(sp.todo) + len(sp.bases)
+    for chain in chains:
+        methods = [p["cfg"]["method"] for p in chain]
+        for i, p in enumerate(chain):
+            if p.get("base"):  # its base (trained by this job, first) comes earlier in the same chain
+                names = [RunDir.for_config(sweep.RunConfig.from_dict(q["cfg"])).name for q in chain[:i]]
+                assert sweep.RunConfig.from_dict(p["base"]).run_name in names, methods
+    out = launch(spec, LaunchOptions(launcher="local", parallel=2, time_min=10, wait=True), echo=lambda s: None)
+    assert [r["phase"] for r in out.records] == ["chain", "chain"]
+    assert make_plan(spec).counts() == {"done": 6, "running": 0, "todo": 0}
