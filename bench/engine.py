@@ -212,6 +212,7 @@ class Trainer:
         self.probe_y = probe.y.to(self.device)
         self.metrics: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self._wrapped = False  # the training forward is in DDP (data parallelism, from the first epoch on)
 
     def _check_shards(self, n: int, batch: int) -> None:
         """Under data parallelism every rank needs rows of every batch: at least one image (synchronised BN) or two
@@ -296,14 +297,14 @@ class Trainer:
             self._epochs(end, epochs, amp)
             if self.start_epoch >= epochs or self.method.stopped:
                 self.method.after_training(ctx)
-                self.save_checkpoint(self.start_epoch)
-                self._write_method_record()
+                self.dist.main_only(lambda: (self.save_checkpoint(self.start_epoch), self._write_method_record()),
+                                    "writing the checkpoint after training")
 
     def _wrap_for_ddp(self) -> None:
         """Under data parallelism: the training forward of a ``grad_sync = "ddp"`` method in DistributedDataParallel
         (after the stage before training, which may choose the parameters that train: RiFT), compiled on top when
         asked."""
-        if not self.dist.enabled or self.method.grad_sync != "ddp" or getattr(self, "_wrapped", False):
+        if not self.dist.enabled or self.method.grad_sync != "ddp" or self._wrapped:
             return
         net = self.dist.wrap(self.method.model)
         self.method.net = torch.compile(net) if self.cfg.compile else net
