@@ -127,6 +127,9 @@ class JobBook:
     def read(self) -> list[dict[str, Any]]:
         if self.jobs is not None:
             return list(self.jobs)
+        return self._from_disk()
+
+    def _from_disk(self) -> list[dict[str, Any]]:
         return list(read_json(self.path).get("jobs", [])) if self.path.is_file() else []
 
     @contextlib.contextmanager
@@ -134,8 +137,7 @@ class JobBook:
         """Hold the book's lock; :meth:`add` writes through at once."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.dir).hold():
-            self.jobs = None
-            self.jobs = self.read()
+            self.jobs = self._from_disk()
             try:
                 yield self
             finally:
@@ -167,8 +169,17 @@ class JobBook:
             return RunLock._alive(int(job["pid"]))
         return False  # debug: ran inside the launching process, which is over
 
+    def active_jobs_by_run(self) -> dict[str, list[dict[str, Any]]]:
+        """Run name -> the recorded jobs that are still active and do it (one scheduler query per job)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for job in self.read():
+            if self.active(job):
+                for r in job.get("runs", []):
+                    out.setdefault(r, []).append(job)
+        return out
+
     def running_runs(self) -> set[str]:
-        return {r for job in self.read() if self.active(job) for r in job.get("runs", [])}
+        return set(self.active_jobs_by_run())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,6 +217,7 @@ class SweepPlan:
     todo: list[Unit]  # the units to launch after them (those that are bases are launched as bases)
     waits_on: dict[str, list[str]] = field(default_factory=dict)  # unit -> bases it waits for (launched or running)
     base_payloads: dict[str, dict[str, Any]] = field(default_factory=dict)  # base run -> what its job runs
+    active: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # run -> earlier jobs still active on it
 
     def counts(self) -> dict[str, int]:
         out = {"done": 0, "running": 0, "todo": 0}
@@ -217,7 +229,8 @@ class SweepPlan:
 def make_plan(spec: SweepSpec, book: JobBook | None = None) -> SweepPlan:
     units = expand(spec)
     book = book or JobBook(spec.request.results_dir)
-    running = book.running_runs()
+    active = book.active_jobs_by_run()
+    running = set(active)
     states: dict[str, str] = {}
     bases: dict[str, RunConfig] = {}
     todo: list[Unit] = []
@@ -236,9 +249,9 @@ def make_plan(spec: SweepSpec, book: JobBook | None = None) -> SweepPlan:
                 bases.setdefault(u.base.run_name, u.base)
     # a unit that is also a base (natural beside the methods fine-tuning it) is launched once, as a base
     as_unit = {u.name: u for u in todo}
-    payloads = {n: (as_unit[n].payload() if n in as_unit else b_payload(b)) for n, b in bases.items()}
+    payloads = {n: (as_unit[n] if n in as_unit else Unit(b)).payload() for n, b in bases.items()}
     todo = [u for u in todo if u.name not in bases]
-    return SweepPlan(units, states, list(bases.values()), todo, waits, payloads)
+    return SweepPlan(units, states, list(bases.values()), todo, waits, payloads, active)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,10 +342,14 @@ class Launched:
     plan: SweepPlan | None = None
 
 
-def _record(job: Any, cluster: str, runs: list[str], book: JobBook, phase: str) -> dict[str, Any]:
-    return {"job_id": str(job.job_id), "cluster": cluster, "host": socket.gethostname(),
-            "pid": int(job.job_id) if cluster == "local" and str(job.job_id).isdigit() else None,
-            "folder": str(book.folder / "%j"), "runs": runs, "phase": phase, "submitted": _now()}
+def _record(job_id: Any, cluster: str, runs: list[str], book: JobBook, phase: str) -> dict[str, Any]:
+    """The jobs.json entry of one job. ``pid``: the process whose life is the job's (this process for the
+    in-process launcher, the controller for submitit's local executor)."""
+    job_id = str(job_id)
+    pid = int(job_id) if cluster in ("local", "inline") and job_id.isdigit() else None
+    return {"job_id": job_id, "cluster": cluster, "host": socket.gethostname(), "pid": pid,
+            "folder": None if cluster == "inline" else str(book.folder / "%j"), "runs": runs, "phase": phase,
+            "submitted": _now()}
 
 
 def _now() -> str:
@@ -403,8 +420,7 @@ def _launch_local(sp: SweepPlan, opts: LaunchOptions, book: JobBook, echo) -> La
                          f"{gpus} are visible")
     if k == 1 and opts.gpus_per_run == 1:  # one after another, in this process (launch() runs them)
         runs = [*sp.base_payloads, *(u.name for u in sp.todo)]
-        rec = {"job_id": str(os.getpid()), "cluster": "inline", "host": socket.gethostname(), "pid": os.getpid(),
-               "folder": None, "runs": runs, "phase": "all", "submitted": _now()}
+        rec = _record(os.getpid(), "inline", runs, book, "all")
         book.add([rec])
         echo(f"sweep: running {len(runs)} run(s) here, one after another")
         return Launched([], [rec], plan=sp)
@@ -417,16 +433,12 @@ def _launch_local(sp: SweepPlan, opts: LaunchOptions, book: JobBook, echo) -> La
         ex.update_parameters(timeout_min=opts.time_min, tasks_per_node=g, gpus_per_node=g if gpus else 0,
                              visible_gpus=tuple(range(i * g, (i + 1) * g)) if gpus else ())
         job = ex.submit(SweepJob(chain))
-        rec = _record(job, "local", [RunConfig.from_dict(p["cfg"]).run_name for p in chain], book, "chain")
+        rec = _record(job.job_id, "local", [RunConfig.from_dict(p["cfg"]).run_name for p in chain], book, "chain")
         book.add([rec])
         jobs.append(job)
         recs.append(rec)
     echo(f"sweep: {len(jobs)} local job(s) ({', '.join(str(j.job_id) for j in jobs)}), logs in {book.folder}")
     return Launched(jobs, recs, plan=sp)
-
-
-def b_payload(base: RunConfig) -> dict[str, Any]:
-    return {"cfg": base.to_dict(), "base": None, "grid": None}
 
 
 def executor_params(opts: LaunchOptions, cluster: str, after: Sequence[str] = ()) -> dict[str, Any]:
@@ -477,7 +489,7 @@ def _launch_submitit(sp: SweepPlan, opts: LaunchOptions, book: JobBook, cluster:
         names = list(sp.base_payloads)
         with ex.batch():
             submitted = [ex.submit(SweepJob([sp.base_payloads[n]])) for n in names]
-        new = [_record(job, cluster, [n], book, "base") for n, job in zip(names, submitted)]
+        new = [_record(job.job_id, cluster, [n], book, "base") for n, job in zip(names, submitted)]
         book.add(new)
         base_jobs = {n: str(job.job_id) for n, job in zip(names, submitted)}
         jobs += submitted
@@ -487,7 +499,7 @@ def _launch_submitit(sp: SweepPlan, opts: LaunchOptions, book: JobBook, cluster:
         if cluster != "slurm":
             for job in submitted:
                 job.results()
-    earlier = _active_jobs_by_run(book) if cluster == "slurm" else {}
+    earlier = {r: {str(j["job_id"]) for j in jobs if j.get("cluster") == "slurm"} for r, jobs in sp.active.items()}
     groups: dict[tuple[str, ...], list[Unit]] = {}
     for u in sp.todo:
         after: set[str] = set()
@@ -499,22 +511,12 @@ def _launch_submitit(sp: SweepPlan, opts: LaunchOptions, book: JobBook, cluster:
         ex = _executor(opts, book, cluster, after_ids)
         with ex.batch():
             submitted = [ex.submit(SweepJob([u.payload()])) for u in units]
-        new = [_record(job, cluster, [u.name], book, "run") for u, job in zip(units, submitted)]
+        new = [_record(job.job_id, cluster, [u.name], book, "run") for u, job in zip(units, submitted)]
         book.add(new)
         jobs += submitted
         recs += new
     echo(f"sweep: {len(sp.todo)} run(s) submitted ({cluster}), logs in {book.folder}")
     return Launched(jobs, recs, plan=sp)
-
-
-def _active_jobs_by_run(book: JobBook) -> dict[str, set[str]]:
-    """Run name -> Slurm ids of the earlier jobs that are still active and do it."""
-    out: dict[str, set[str]] = {}
-    for j in book.read():
-        if j.get("cluster") == "slurm" and book.active(j):
-            for r in j.get("runs", []):
-                out.setdefault(r, set()).add(str(j["job_id"]))
-    return out
 
 
 def describe(sp: SweepPlan) -> list[str]:
