@@ -113,7 +113,8 @@ def _run_options(sweep: bool = False):
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--precision", type=str, help="Training precision: fp32 or bf16 (evaluation is always fp32)."),
         click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format (GPU)."),
-        click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the training forward."),
+        click.option("--compile/--no-compile", "compile_", default=None,
+                     help="torch.compile the training forward and the attacks' forward (parameters detached)."),
         click.option("--normalize/--no-normalize", default=None,
                      help="Put the training set's mean/std inside the model (default: raw [0,1] inputs, as AFD)."),
         click.option("--pretrained", type=click.Path(path_type=str),
@@ -467,18 +468,25 @@ def report_cmd(results_dir, out_dir) -> None:
 @click.option("--arch", "-a", help="Architecture (default: resnet18 on a GPU, smallcnn on a CPU).")
 @click.option("--batch-size", type=int, callback=_positive_int, help="Default: 128 on a GPU, 64 on a CPU.")
 @click.option("--steps", type=int, callback=_positive_int, help="Timed steps per repeat (default 20 GPU / 4 CPU).")
-@click.option("--repeats", type=int, default=3, show_default=True, callback=_positive_int)
+@click.option("--repeats", type=int, callback=_positive_int, help="Timed rounds, engine and reference interleaved "
+              "(default 3 GPU / 5 CPU).")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first.")
 @click.option("--attack-steps", type=int, callback=_positive_int, help="Override the methods' PGD steps.")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the engine (default: GPU).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the engine (default: on a GPU, and on a CPU with a C++ compiler).")
+@click.option("--precision", type=str, help="Engine training precision, fp32 or bf16 (default: bf16 where the device "
+              "computes it natively: a GPU, a CPU with AMX / AVX512-BF16).")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="channels_last in the engine (default: on a GPU).")
 @click.option("--workers", type=int, help="DataLoader workers of the reference loop (default 4 GPU / 0 CPU).")
 @click.option("--eval-n", type=int, callback=_positive_int, help="Images for the PGD-20 throughput.")
 @click.option("--aa-n", type=int, help="Images for the AutoAttack pass (0: skip).")
 @click.option("--science/--no-science", default=False, show_default=True,
               help="Also train PGD-AT in fp32 and bf16 and compare their accuracies.")
 @click.option("--out", "out_dir", default="results/perf", show_default=True)
-def perf_cmd(device, methods, arch, batch_size, steps, repeats, warmup, attack_steps, compile_, workers, eval_n,
-             aa_n, science, out_dir) -> None:
+@click.option("--label", help="Added to the file name (OUT/<device>-<date>-LABEL.json): a second setting on one day.")
+def perf_cmd(device, methods, arch, batch_size, steps, repeats, warmup, attack_steps, compile_, precision,
+             channels_last, workers, eval_n, aa_n, science, out_dir, label) -> None:
     """The engine against a papers'-style reference loop, side by side in one process: images/s, seconds per
     CIFAR-10 epoch, peak memory, engine/reference ratios; PGD-20 and AutoAttack throughput. Writes
     OUT/<device>-<date>.json and .md."""
@@ -487,8 +495,9 @@ def perf_cmd(device, methods, arch, batch_size, steps, repeats, warmup, attack_s
     if warmup < 0 or (workers is not None and workers < 0) or (aa_n is not None and aa_n < 0):
         raise BenchError(f"bench perf: warmup {warmup}, workers {workers}, aa-n {aa_n}; accepted: integers ≥ 0")
     run_perf(device=device, arch=arch, methods=tuple(_csv(methods) or ()), batch=batch_size, steps=steps,
-             repeats=repeats, warmup=warmup, attack_steps=attack_steps, compile_=compile_, workers=workers,
-             eval_n=eval_n, aa_n=aa_n, science=science, out_dir=out_dir, echo=click.echo)
+             repeats=repeats, warmup=warmup, attack_steps=attack_steps, compile_=compile_, precision=precision,
+             channels_last=channels_last, workers=workers,
+             eval_n=eval_n, aa_n=aa_n, science=science, out_dir=out_dir, label=label, echo=click.echo)
 
 
 def main() -> None:

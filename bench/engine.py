@@ -205,7 +205,7 @@ class Trainer:
         self.method = self.method_cls(hp, model, teacher, len(self.loader), info, dist=dist)
         trained = self.method.model  # may wrap the architecture (AFD adds D1, D2)
         if cfg.compile:
-            self.method.net = self.method.attack_net = torch.compile(trained)
+            self.method.compile()
         self.ema = EMA(trained, hp["ema"]["decay"], hp["ema"].get("warmup", True)) if hp.get("ema") else None
         probe = dataset.test.head(cfg.probe_n)
         self.probe_x = probe.x.to(self.device).float().div_(255)

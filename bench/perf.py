@@ -3,24 +3,31 @@ same model, data and device, in one process — images/s, seconds per CIFAR-10-s
 memory — for natural, PGD-AT, TRADES and AFD training steps, and for evaluation under PGD-20 and AutoAttack.
 
 * **engine**: the whole split as one uint8 tensor on the device, crop/flip on the device for a whole batch
-  (:class:`~bench.loader.DeviceLoader`), bf16 autocast for training on CUDA, channels_last on CUDA, ``torch.compile``
-  (``--compile``, default on CUDA), the method's own ``train_step`` with no host sync inside the step.
+  (:class:`~bench.loader.DeviceLoader`), ``torch.compile`` of the training forward and of the attacks' forward (with
+  the parameters detached, :class:`methods.base.ParamsDetached`), bf16 autocast for training, channels_last, a fused
+  SGD on a GPU, the method's own ``train_step`` with no host sync inside the step. The defaults follow the device
+  (:func:`engine_settings`): on a GPU all of them; on a CPU ``torch.compile`` where a C++ compiler is installed
+  (inductor needs one) and bf16 where the CPU computes it natively (AMX / AVX512-BF16, oneDNN's own check) —
+  ``--compile``, ``--precision`` and ``--channels-last`` override them and the settings are recorded.
 * **reference**: ``torch.utils.data.DataLoader`` over PIL images with per-image ``RandomCrop(32, padding=4)``,
   ``RandomHorizontalFlip`` and ``ToTensor`` (as in the TRADES / AFD / Wong scripts), fp32, eager, contiguous memory,
   the same ``train_step`` and a ``loss.item()`` after every step (the papers' logging).
 
-Each measurement: ``warmup`` steps excluded, then ``repeats`` timings of ``steps`` steps each (synchronised on CUDA);
-the median and the min/max spread are reported, and the ratio engine / reference of the medians. Peak memory: CUDA
-``max_memory_allocated`` on a GPU; on a CPU the process's peak RSS (one number for the whole process, as a CPU gives
-no per-phase peak). On CUDA the achieved FLOP/s of the PGD-AT step is reported as a fraction of the device's peak
-(bf16 dense tensor-core peak from a small table of known GPUs; the FLOPs counted with ``torch.utils.flop_counter``
-for one training step: the attack's forward and backward passes and the update's).
+Each measurement: ``warmup`` steps of both pipelines excluded, then ``repeats`` timings of ``steps`` steps each,
+the reference and the engine *interleaved* (ABBA order), so that a drift of the machine's speed (a shared CPU, a GPU's
+clocks) falls on both alike (synchronised on CUDA); the median and the min/max spread are reported, the ratio
+engine / reference of the medians, and the median and spread of the per-repeat ratios. Peak memory: on a GPU each
+pipeline's own peak (``max_memory_allocated`` during its steps above what was allocated when they began, plus what
+the pipeline itself holds: model, optimiser state, data); on a CPU the process's peak RSS (one number for the whole
+process, as a CPU gives no per-phase peak). On CUDA the achieved FLOP/s of the PGD-AT step is reported as a
+fraction of the device's peak (bf16 dense tensor-core peak from a small table of known GPUs; the FLOPs counted with
+``torch.utils.flop_counter`` for one training step: the attack's forward and backward passes and the update's).
 
 ``--science`` also trains a short PGD-AT run in fp32 and in bf16 (same seed, data, schedule) and records their clean
 and PGD-20 accuracies side by side: speed must not change the numbers.
 
-Results: ``results/perf/<device>-<date>.json`` and ``.md``. Timings belong to the device named in them; ratios are
-only ever taken between two measurements of one run.
+Results: ``results/perf/<device>-<date>[-<label>].json`` and ``.md``. Timings belong to the device named in them;
+ratios are only ever taken between two measurements of one run.
 """
 from __future__ import annotations
 
@@ -62,23 +69,59 @@ def _reset_mem(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _stats(per_step: list[float], batch: int, *, steps: int, warmup: int) -> dict[str, Any]:
+    med = statistics.median(per_step)
+    return {"sec_per_step": med, "sec_per_step_min": min(per_step), "sec_per_step_max": max(per_step),
+            "images_per_s": batch / med, "sec_per_cifar10_epoch": CIFAR_EPOCH / (batch / med),
+            "repeats": len(per_step), "steps": steps, "warmup": warmup, "sec_per_step_all": per_step}
+
+
 def time_steps(step: Callable[[], Any], *, warmup: int, steps: int, repeats: int, device: torch.device,
                batch: int) -> dict[str, Any]:
     """Median / min / max seconds per step over ``repeats`` runs of ``steps`` steps, after ``warmup`` steps."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    per_step = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
+    return time_interleaved({"only": lambda: step}, warmup=warmup, steps=steps, repeats=repeats, device=device,
+                            batch=batch)["only"]
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def time_interleaved(build: dict[str, Callable[[], Callable[[], Any]]], *, warmup: int, steps: int, repeats: int,
+                     device: torch.device, batch: int) -> dict[str, dict[str, Any]]:
+    """Time several step functions side by side. ``build`` maps a name to a factory of its step function; the
+    factories are called in order, each pipeline warmed up by ``warmup`` steps as it is built (so its resident memory
+    is what it allocated meanwhile); then ``repeats`` rounds in which each runs ``steps`` timed steps, in ABBA order
+    (the order reverses every round). Returns each one's :func:`_stats` and ``peak_mem_mb``."""
+    fns, resident = {}, {}
+    for k, f in build.items():
+        before = _allocated(device)
+        fns[k] = f()
+        for _ in range(warmup):
+            fns[k]()
         _sync(device)
-        per_step.append((time.perf_counter() - t0) / steps)
-    med = statistics.median(per_step)
-    return {"sec_per_step": med, "sec_per_step_min": min(per_step), "sec_per_step_max": max(per_step),
-            "images_per_s": batch / med, "sec_per_cifar10_epoch": CIFAR_EPOCH / (batch / med), "repeats": repeats,
-            "steps": steps, "warmup": warmup}
+        resident[k] = _allocated(device) - before
+    per: dict[str, list[float]] = {k: [] for k in fns}
+    peak: dict[str, float] = {k: 0.0 for k in fns}
+    for r in range(repeats):
+        for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            _sync(device)
+            _reset_mem(device)
+            start = _allocated(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fns[k]()
+            _sync(device)
+            per[k].append((time.perf_counter() - t0) / steps)
+            if device.type == "cuda":
+                peak[k] = max(peak[k], (torch.cuda.max_memory_allocated(device) - start + resident[k]) / 2**20)
+            else:
+                peak[k] = _peak_mem_mb(device)
+    out = {}
+    for k in fns:
+        out[k] = _stats(per[k], batch, steps=steps, warmup=warmup)
+        out[k]["peak_mem_mb"] = round(peak[k], 1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,7 +129,7 @@ def time_steps(step: Callable[[], Any], *, warmup: int, steps: int, repeats: int
 
 
 def _method(name: str, arch: str, num_classes: int, device: torch.device, *, batch: int, attack_steps: int | None,
-            channels_last: bool, seed: int):
+            channels_last: bool, seed: int, fused: bool = False):
     """A fresh model and method (AFD from a natural-like start: the same random model as its own teacher)."""
     from methods import get_method
 
@@ -106,17 +149,57 @@ def _method(name: str, arch: str, num_classes: int, device: torch.device, *, bat
         import copy
 
         teacher = copy.deepcopy(model)
-    return cls(hp, model, teacher, steps_per_epoch=100)
+    return cls(hp, model, teacher, steps_per_epoch=100, fused=fused)
 
 
-def engine_step_fn(method, split, device: torch.device, *, batch: int, bf16: bool, channels_last: bool,
-                   compile_: bool, seed: int) -> Callable[[], None]:
+def _cpp_compiler() -> str | None:
+    import os
+    import shutil
+
+    for cxx in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if cxx and shutil.which(cxx):
+            return cxx
+    return None
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does the device compute bf16 natively: a CUDA GPU, or a CPU where oneDNN finds AMX / AVX512-BF16 (without
+    them oneDNN emulates bf16, slower than fp32)."""
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - a build without oneDNN
+        return False
+
+
+def engine_settings(device: torch.device, *, compile_: bool | None = None, precision: str | None = None,
+                    channels_last: bool | None = None) -> dict[str, Any]:
+    """The engine's settings on ``device``: what is given, else the fastest the device supports — on a GPU bf16
+    autocast, channels_last, ``torch.compile`` and a fused SGD; on a CPU ``torch.compile`` where a C++ compiler is
+    installed, bf16 where it is native (:func:`native_bf16`), the contiguous format (channels_last, with or without
+    compile, timed within ±5 % of it for the CPU's smallcnn steps on a 2-core Xeon) and the for-loop SGD."""
+    gpu = device.type == "cuda"
+    if precision is not None and precision not in ("fp32", "bf16"):
+        raise BenchError(f"bench perf: precision {precision!r}; accepted: fp32, bf16")
+    comp = (gpu or _cpp_compiler() is not None) if compile_ is None else bool(compile_)
+    prec = precision or ("bf16" if native_bf16(device) else "fp32")
+    cl = gpu if channels_last is None else bool(channels_last)
+    return {"precision": prec, "bf16": prec == "bf16", "channels_last": cl, "compile": comp,
+            "compile_attack": "parameters detached (methods.base.ParamsDetached)" if comp else None,
+            "fused_sgd": gpu, "native_bf16": native_bf16(device),
+            "data": "device-resident uint8, crop/flip on device"}
+
+
+def engine_step_fn(method, split, device: torch.device, *, batch: int, settings: dict[str, Any],
+                   seed: int) -> Callable[[], None]:
     from .loader import DeviceLoader
 
     loader = DeviceLoader(split, batch, device, seed=seed, drop_last=True)
-    if compile_:
-        method.net = method.attack_net = torch.compile(method.model)
+    if settings["compile"]:
+        method.compile()
     state = {"it": iter(()), "epoch": 0}
+    bf16, channels_last = settings["bf16"], settings["channels_last"]
 
     def step():
         try:
@@ -296,10 +379,11 @@ def device_slug(name: str) -> str:
 
 
 def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[str, ...] = PERF_METHODS,
-             batch: int | None = None, steps: int | None = None, repeats: int = 3, warmup: int = 2,
-             attack_steps: int | None = None, compile_: bool | None = None, workers: int | None = None,
+             batch: int | None = None, steps: int | None = None, repeats: int | None = None, warmup: int = 2,
+             attack_steps: int | None = None, compile_: bool | None = None, precision: str | None = None,
+             channels_last: bool | None = None, workers: int | None = None,
              eval_n: int | None = None, aa_n: int | None = None, science: bool = False, out_dir: str | Path =
-             "results/perf", echo: Callable[[str], None] = print) -> Path:
+             "results/perf", label: str | None = None, echo: Callable[[str], None] = print) -> Path:
     from methods import METHODS
 
     from .data import make_synthetic
@@ -314,10 +398,14 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
     arch = arch or ("resnet18" if gpu else "smallcnn")
     batch = batch or (128 if gpu else 64)
     steps = steps or (20 if gpu else 4)
-    compile_ = gpu if compile_ is None else compile_
+    repeats = repeats or (3 if gpu else 5)
+    eng = engine_settings(dev, compile_=compile_, precision=precision, channels_last=channels_last)
     workers = (4 if gpu else 0) if workers is None else workers
     eval_n = eval_n or (1024 if gpu else 128)
     aa_n = (256 if gpu else 16) if aa_n is None else aa_n
+    if label is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", label):
+        raise BenchError(f"bench perf: label {label!r}; accepted: lower-case letters, digits and '-' (at most 40), "
+                         "added to the file name")
     if batch < 2 or steps < 1 or repeats < 1 or warmup < 0:
         raise BenchError(f"bench perf: batch {batch}, steps {steps}, repeats {repeats}, warmup {warmup}; accepted: "
                          "batch ≥ 2, steps ≥ 1, repeats ≥ 1, warmup ≥ 0")
@@ -326,32 +414,37 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
     name = device_name(dev)
     echo(f"bench perf on {name}: {arch}, batch {batch}, {steps} steps × {repeats} repeats after {warmup} warm-up")
     record: dict[str, Any] = {
-        "device": name, "date": _dt.date.today().isoformat(), "torch": torch.__version__,
+        "device": name, "date": _dt.date.today().isoformat(), "label": label, "torch": torch.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "settings": {"arch": arch, "batch": batch, "steps": steps, "repeats": repeats, "warmup": warmup,
-                     "attack_steps": attack_steps or "method default", "engine": {
-                         "bf16": gpu, "channels_last": gpu, "compile": compile_, "data": "device-resident uint8, "
-                         "crop/flip on device"}, "reference": {"precision": "fp32", "compile": False,
-                                                              "data": f"DataLoader, PIL + per-image transforms, "
-                                                                      f"{workers} workers", "item_every_step": True}},
+                     "attack_steps": attack_steps or "method default", "engine": eng,
+                     "reference": {"precision": "fp32", "compile": False, "channels_last": False, "fused_sgd": False,
+                                   "data": f"DataLoader, PIL + per-image transforms, {workers} workers",
+                                   "item_every_step": True},
+                     "timing": "reference and engine interleaved, ABBA order; speedup = ratio of the medians"},
         "methods": {}}
+    echo(f"  engine: {eng['precision']}, compile {eng['compile']}, channels_last {eng['channels_last']}, "
+         f"fused SGD {eng['fused_sgd']}; reference: fp32, eager, DataLoader with {workers} workers")
     for m in methods:
-        row: dict[str, Any] = {}
-        for kind in ("reference", "engine"):
+        def reference(m=m):
+            method = _method(m, arch, 10, dev, batch=batch, attack_steps=attack_steps, channels_last=False, seed=0)
+            return reference_step_fn(method, split, dev, batch=batch, workers=workers)
+
+        def engine(m=m):
             method = _method(m, arch, 10, dev, batch=batch, attack_steps=attack_steps,
-                             channels_last=gpu and kind == "engine", seed=0)
-            if kind == "engine":
-                fn = engine_step_fn(method, split, dev, batch=batch, bf16=gpu, channels_last=gpu, compile_=compile_,
-                                    seed=0)
-            else:
-                fn = reference_step_fn(method, split, dev, batch=batch, workers=workers)
-            _reset_mem(dev)
-            t = time_steps(fn, warmup=warmup, steps=steps, repeats=repeats, device=dev, batch=batch)
-            t["peak_mem_mb"] = _peak_mem_mb(dev)
-            row[kind] = t
+                             channels_last=eng["channels_last"], seed=0, fused=eng["fused_sgd"])
+            return engine_step_fn(method, split, dev, batch=batch, settings=eng, seed=0)
+
+        row: dict[str, Any] = time_interleaved({"reference": reference, "engine": engine}, warmup=warmup, steps=steps,
+                                               repeats=repeats, device=dev, batch=batch)
+        for kind in ("reference", "engine"):
+            t = row[kind]
             echo(f"  {m:<8} {kind:<9} {t['images_per_s']:9.1f} img/s  {t['sec_per_cifar10_epoch']:9.1f} s/epoch "
                  f"(CIFAR-10 size)  [{t['sec_per_step_min'] * 1e3:.1f}–{t['sec_per_step_max'] * 1e3:.1f} ms/step]")
         row["speedup"] = row["reference"]["sec_per_step"] / row["engine"]["sec_per_step"]
+        per = [r / e for r, e in zip(row["reference"]["sec_per_step_all"], row["engine"]["sec_per_step_all"])]
+        row["speedup_per_repeat"] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
+        echo(f"  {m:<8} engine / reference {row['speedup']:.2f}× (per repeat {min(per):.2f}–{max(per):.2f}×)")
         if m == "pgd-at":
             method = _method(m, arch, 10, dev, batch=batch, attack_steps=attack_steps, channels_last=False, seed=0)
             flops = step_flops(method.model, split, dev, batch, method.hp["attack_steps"])
@@ -375,27 +468,34 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
         record["precision_check"] = precision_check(dev, Path(out_dir) / "runs-precision",
                                                     epochs=8 if not gpu else 15, subset=200, eval_n=500, echo=echo)
     out = Path(out_dir)
-    stem = out / f"{device_slug(name)}-{record['date']}"
+    stem = out / f"{device_slug(name)}-{record['date']}{f'-{label}' if label else ''}"
     atomic_write_json(stem.with_suffix(".json"), record)
     atomic_write_text(stem.with_suffix(".md"), summary_markdown(record))
     echo(f"bench perf: wrote {stem}.json and {stem}.md")
     return stem.with_suffix(".json")
 
 
+def _per_repeat(row: dict[str, Any]) -> str:
+    pr = row.get("speedup_per_repeat")
+    return f" ({pr['min']:.2f}–{pr['max']:.2f}×)" if pr else ""
+
+
 def summary_markdown(rec: dict[str, Any]) -> str:
     s = rec["settings"]
-    lines = [f"# bench perf — {rec['device']} ({rec['date']})", "",
-             f"torch {rec['torch']}, Python {rec['python']}, {rec['threads']} threads; {s['arch']}, batch {s['batch']}, "
-             f"{s['steps']} steps × {s['repeats']} repeats after {s['warmup']} warm-up; median (min–max). "
+    label = f", {rec['label']}" if rec.get("label") else ""
+    lines = [f"# bench perf — {rec['device']} ({rec['date']}{label})", "",
+             f"torch {rec['torch']}, Python {rec['python']}, {rec['threads']} threads; {s['arch']}, "
+             f"batch {s['batch']}, {s['steps']} steps × {s['repeats']} repeats after {s['warmup']} warm-up; median (min–max). "
              f"Engine: {json.dumps(s['engine'])}. Reference: {json.dumps(s['reference'])}.", "",
-             "| method | reference img/s | engine img/s | engine / reference | engine s per CIFAR-10 epoch | "
-             "peak memory MB (ref / engine) |", "|---|---|---|---|---|---|"]
+             "| method | reference img/s | engine img/s | engine / reference (per repeat) | engine s per CIFAR-10 "
+             "epoch | peak memory MB (ref / engine) |", "|---|---|---|---|---|---|"]
     for m, r in rec["methods"].items():
         ref, eng = r["reference"], r["engine"]
         lines.append(f"| {m} | {ref['images_per_s']:.1f} ({ref['sec_per_step_min'] * 1e3:.0f}–"
                      f"{ref['sec_per_step_max'] * 1e3:.0f} ms/step) | {eng['images_per_s']:.1f} "
                      f"({eng['sec_per_step_min'] * 1e3:.0f}–{eng['sec_per_step_max'] * 1e3:.0f} ms/step) | "
-                     f"{r['speedup']:.2f}× | {eng['sec_per_cifar10_epoch']:.1f} | {ref['peak_mem_mb']} / "
+                     f"{r['speedup']:.2f}×{_per_repeat(r)} | {eng['sec_per_cifar10_epoch']:.1f} | "
+                     f"{ref['peak_mem_mb']} / "
                      f"{eng['peak_mem_mb']} |")
     pa = rec["methods"].get("pgd-at", {})
     if pa.get("achieved_flop_s"):

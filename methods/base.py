@@ -22,7 +22,8 @@ The engine owns the data, the clock and the disk; a method owns its losses, its 
 
 Forwards: ``self.net`` is the *training* forward (the engine may swap in a compiled module, and under data
 parallelism the DistributedDataParallel wrapper whose backward reduces the gradients); ``self.attack_net`` is the
-forward attacks differentiate w.r.t. the input (compiled, never DDP-wrapped). A method whose gradients come from
+forward attacks differentiate w.r.t. the input (compiled, never DDP-wrapped; compiled, it is
+:class:`ParamsDetached`: no gradient reaches a parameter through it). A method whose gradients come from
 ``torch.autograd.grad`` instead of ``backward()`` sets ``grad_sync = "manual"`` and reduces them itself with
 ``self.dist.reduce_grads_`` (AFD). ``self.dist`` (:class:`bench.dist.Dist`) is the process group: single-process by
 default, where all of this is a no-op.
@@ -68,6 +69,27 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 
+class ParamsDetached(nn.Module):
+    """``module``'s forward with every parameter detached (``torch.func.functional_call``; the buffers are the
+    module's own, so a train-mode BN still updates its running statistics in place): the forward an attack
+    differentiates w.r.t. its input. Its values and input gradients are the module's; no gradient can reach a
+    parameter through it.
+
+    It exists for ``torch.compile``: eager autograd prunes the weight gradients that ``torch.autograd.grad(loss, x)``
+    does not ask for, but a compiled forward's backward (AOTAutograd) computes the gradient of every graph input that
+    requires one, so a compiled attack would compute every weight gradient and throw it away — about half the cost
+    of each attack backward. Compiled on top of this wrapper, the graph's parameters do not require gradients and the
+    backward computes the input gradient only."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        params = {k: p.detach() for k, p in self.module.named_parameters()}
+        return torch.func.functional_call(self.module, params, (x, *args), kwargs)
+
+
 def register_method(cls: type["Method"]) -> type["Method"]:
     if not getattr(cls, "name", ""):
         raise ValueError(f"{cls.__name__} has no name")
@@ -109,7 +131,8 @@ class Method:
         return v
 
     def __init__(self, hp: dict[str, Any], model: nn.Module, teacher: nn.Module | None = None,
-                 steps_per_epoch: int = 1, info: dict[str, Any] | None = None, dist: "Dist | None" = None):
+                 steps_per_epoch: int = 1, info: dict[str, Any] | None = None, dist: "Dist | None" = None,
+                 fused: bool | None = None):
         from bench.dist import SINGLE
 
         self.hp = hp
@@ -118,6 +141,10 @@ class Method:
         self.info = info or {}
         self.stopped = False  # set by a method that ends training early (its current weights are the result)
         self.model = model
+        # ``fused`` (default: on a GPU): one fused SGD kernel per step instead of torch's per-tensor updates; the
+        # same update up to rounding (tests/test_methods.py). On a CPU the default stays the for-loop update every
+        # CPU record so far was trained with, so a CPU run is reproduced bit for bit.
+        self.fused = any(p.is_cuda for p in model.parameters()) if fused is None else bool(fused)
         self.net: Callable[..., torch.Tensor] = model  # training forward: the engine may compile / DDP-wrap it
         self.attack_net: Callable[[torch.Tensor], torch.Tensor] = model  # attacks' forward: compiled at most
         self.teacher = teacher
@@ -138,7 +165,25 @@ class Method:
     def sgd(self, params) -> torch.optim.SGD:
         hp = self.hp
         return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"],
-                               nesterov=hp["nesterov"])
+                               nesterov=hp["nesterov"], fused=self.fused or None)
+
+    def compile(self) -> None:
+        """``torch.compile`` the two forwards: the training forward ``self.net`` and the attacks' forward
+        ``self.attack_net`` (on :class:`ParamsDetached`, see there). Called by the engine with ``compile = true``
+        once the method is built; under data parallelism the engine compiles the DDP-wrapped training forward in
+        place of ``self.net``.
+
+        Dynamo's caches are reset first: its compiled code is kept per function (``forward``), not per model,
+        guarded on the module's class, BN modes, autocast and the tensors' properties, so runs one process trains
+        one after another (``bench run`` of several methods, ``bench perf``) add up recompilations of the same
+        ``forward`` until dynamo's recompile limit (8), beyond which it runs that forward eagerly with only a warning
+        (seen when timing five compiled engines of four methods in one process). A process trains one method at a
+        time; the previous method's graphs are dead."""
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        self.net = torch.compile(self.model)
+        self.attack_net = torch.compile(ParamsDetached(self.model))
 
     # -- schedule -----------------------------------------------------------------------------------------------
     def lr_at(self, epoch: int, step: int) -> float:

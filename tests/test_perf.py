@@ -10,9 +10,11 @@ from bench.perf import precision_check, run_perf, summary_markdown
 @pytest.mark.slow
 def test_bench_perf_writes_a_well_formed_result(tmp_path):
     path = run_perf(device="cpu", arch="smallcnn", methods=("natural", "pgd-at", "trades", "afd"), batch=8, steps=1,
-                    repeats=2, warmup=1, attack_steps=1, eval_n=8, aa_n=2, out_dir=tmp_path, echo=lambda s: None)
+                    repeats=2, warmup=1, attack_steps=1, eval_n=8, aa_n=2, compile_=False, precision="fp32",
+                    label="ci-size", out_dir=tmp_path, echo=lambda s: None)
     rec = json.loads(path.read_text())
-    assert path.name.startswith("cpu-") and path.with_suffix(".md").is_file()
+    assert path.name.startswith("cpu-") and path.name.endswith("-ci-size.json") and path.with_suffix(".md").is_file()
+    assert rec["label"] == "ci-size"
     assert rec["device"].startswith("cpu") and rec["torch"] and rec["settings"]["arch"] == "smallcnn"
     assert set(rec["methods"]) == {"natural", "pgd-at", "trades", "afd"}
     for m, r in rec["methods"].items():
@@ -22,6 +24,13 @@ def test_bench_perf_writes_a_well_formed_result(tmp_path):
             assert t["images_per_s"] > 0 and t["sec_per_cifar10_epoch"] == pytest.approx(50_000 / t["images_per_s"])
             assert t["peak_mem_mb"] > 0
         assert r["speedup"] == pytest.approx(r["reference"]["sec_per_step"] / r["engine"]["sec_per_step"])
+        pr = r["speedup_per_repeat"]
+        assert pr["min"] <= pr["median"] <= pr["max"] and pr["median"] == pytest.approx(
+            __import__("statistics").median(a / b for a, b in zip(r["reference"]["sec_per_step_all"],
+                                                                    r["engine"]["sec_per_step_all"])))
+    eng = rec["settings"]["engine"]
+    assert (eng["precision"], eng["compile"], eng["fused_sgd"]) == ("fp32", False, False)
+    assert rec["settings"]["reference"]["precision"] == "fp32" and "interleaved" in rec["settings"]["timing"]
     pa = rec["methods"]["pgd-at"]
     # one attack step (fwd + input backward) and the update (fwd + full backward): more than one fwd+bwd
     assert pa["flops_per_step"] > 0 and pa["fraction_of_peak"] is None  # no peak for a CPU

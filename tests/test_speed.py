@@ -1,0 +1,170 @@
+"""The engine's speed features change how fast, never what is computed: the compiled attack forward
+(:class:`methods.base.ParamsDetached`), the fused SGD, dynamo's reset per method, and the side-by-side timing of
+``bench perf`` (no timing is asserted: only what is timed, in what order, and with which settings)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.errors import BenchError
+from bench.loader import Batch
+from bench.perf import engine_settings, time_interleaved
+from methods import get_method
+from methods.base import ParamsDetached
+
+
+def _xy(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _input_grad(f, x, y):
+    xi = x.clone().requires_grad_(True)
+    logits = f(xi)
+    (g,) = torch.autograd.grad(F.cross_entropy(logits, y), xi)
+    return logits.detach(), g
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_params_detached_is_the_module_with_no_path_to_its_parameters(tiny_model, train):
+    x, y = _xy()
+    ref = copy.deepcopy(tiny_model).train(train)
+    wrapped = ParamsDetached(tiny_model.train(train))
+    l0, g0 = _input_grad(ref, x, y)
+    l1, g1 = _input_grad(wrapped, x, y)
+    assert torch.equal(l0, l1) and torch.equal(g0, g1)  # the same function and input gradient, bit for bit
+    # train-mode BN updates the module's own running statistics, exactly as the module does
+    for a, b in zip(ref.buffers(), tiny_model.buffers()):
+        assert torch.equal(a, b)
+    if train:
+        assert not torch.equal(ref.body[1].running_mean, torch.zeros_like(ref.body[1].running_mean))
+    # the defining property: no gradient reaches a parameter through it
+    assert not wrapped(x).requires_grad and ref(x).requires_grad
+    assert all(p.grad is None for p in tiny_model.parameters())
+    # and the module's own parameters are untouched (still leaves that require gradients)
+    assert all(p.requires_grad and p.is_leaf for p in tiny_model.parameters())
+
+
+@pytest.mark.slow
+def test_the_compiled_attack_forward_carries_no_parameter_gradient(tiny_model):
+    """Compiled (as the engine compiles it), the attack forward's graph has parameters that do not require
+    gradients, so its backward computes the input gradient only; the compiled training forward keeps them."""
+    m = get_method("pgd-at")(get_method("pgd-at").resolved_defaults(), tiny_model.eval())
+    m.compile()
+    assert isinstance(m.attack_net._orig_mod, ParamsDetached) and m.attack_net._orig_mod.module is m.model
+    assert m.net._orig_mod is m.model
+    x, y = _xy()
+    assert not m.attack_net(x).requires_grad and m.net(x).requires_grad
+    l0, g0 = _input_grad(m.model, x, y)
+    l1, g1 = _input_grad(m.attack_net, x, y)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in m.model.parameters())
+
+
+def test_method_compile_resets_dynamo_first(tiny_model, monkeypatch):
+    import torch._dynamo
+
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch, "compile", lambda mod: calls.append(type(mod).__name__) or mod)
+    m = get_method("natural")(get_method("natural").resolved_defaults(), tiny_model)
+    m.compile()
+    assert calls == ["reset", "SmallCNN", "ParamsDetached"]
+
+
+def test_afd_compiles_its_disentangled_model_for_both_forwards(tiny_model, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda mod: mod)
+    cls = get_method("afd")
+    m = cls(cls.resolved_defaults(), tiny_model, copy.deepcopy(tiny_model))
+    m.compile()
+    assert m.net is m.model and type(m.model).__name__ == "Disentangled"
+    assert isinstance(m.attack_net, ParamsDetached) and m.attack_net.module is m.model
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_fused_sgd_is_the_same_update(tiny_model, nesterov):
+    """Three natural steps with the fused SGD (a GPU's default) and with the for-loop SGD (a CPU's) reach the same
+    weights and momenta up to fp32 rounding; the CPU default stays the for-loop one."""
+    cls = get_method("natural")
+    hp = {**cls.resolved_defaults(), "nesterov": nesterov, "weight_decay": 5e-3}
+    a = cls(hp, copy.deepcopy(tiny_model))
+    b = cls(hp, copy.deepcopy(tiny_model), fused=True)
+    assert a.fused is False and not a.optimizer.param_groups[0]["fused"]
+    assert b.optimizer.param_groups[0]["fused"] is True
+    x, y = _xy(16)
+    for step in range(3):
+        batch = Batch(x, y, torch.arange(16))
+        a.train_step(batch, 0, step)
+        b.train_step(batch, 0, step)
+    moved = max((p - q).abs().max().item() for p, q in zip(a.model.parameters(), tiny_model.parameters()))
+    diff = max((p - q).abs().max().item() for p, q in zip(a.model.parameters(), b.model.parameters()))
+    assert moved > 1e-3 and diff <= 1e-5 * moved
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(a.optimizer.state[p]["momentum_buffer"], b.optimizer.state[q]["momentum_buffer"],
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_every_method_optimiser_takes_the_fused_choice(tiny_model):
+    from methods.base import METHODS
+
+    for name in METHODS.names():
+        cls = get_method(name)
+        teacher = copy.deepcopy(tiny_model) if cls.starts_from != "scratch" else None
+        m = cls(cls.resolved_defaults(), copy.deepcopy(tiny_model), teacher, fused=True)
+        if name == "rift":  # its one SGD is built when the stage before training has chosen the module
+            m._choose("fc", "test")
+        assert m.optimizers and all(g["fused"] is True for o in m.optimizers for g in o.param_groups), name
+
+
+def test_time_interleaved_runs_the_pipelines_side_by_side_in_abba_order():
+    calls = []
+
+    def factory(name):
+        calls.append(f"build {name}")
+        return lambda: calls.append(name)
+
+    res = time_interleaved({"ref": lambda: factory("ref"), "eng": lambda: factory("eng")}, warmup=1, steps=2,
+                           repeats=3, device=torch.device("cpu"), batch=4)
+    assert calls == ["build ref", "ref", "build eng", "eng",
+                     "ref", "ref", "eng", "eng", "eng", "eng", "ref", "ref", "ref", "ref", "eng", "eng"]
+    for r in res.values():
+        assert r["repeats"] == 3 and len(r["sec_per_step_all"]) == 3 and r["steps"] == 2 and r["warmup"] == 1
+        assert r["sec_per_step_min"] <= r["sec_per_step"] <= r["sec_per_step_max"] and r["peak_mem_mb"] > 0
+
+
+def test_engine_settings_follow_the_device_unless_given(monkeypatch):
+    import bench.perf as perf
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(perf, "_cpp_compiler", lambda: None)
+    monkeypatch.setattr(perf, "native_bf16", lambda d: False)
+    s = engine_settings(cpu)
+    assert (s["precision"], s["compile"], s["channels_last"], s["fused_sgd"]) == ("fp32", False, False, False)
+    monkeypatch.setattr(perf, "_cpp_compiler", lambda: "g++")
+    monkeypatch.setattr(perf, "native_bf16", lambda d: True)
+    s = engine_settings(cpu)
+    assert (s["precision"], s["bf16"], s["compile"], s["fused_sgd"]) == ("bf16", True, True, False)
+    s = engine_settings(cpu, compile_=False, precision="fp32", channels_last=True)
+    assert (s["precision"], s["bf16"], s["compile"], s["channels_last"]) == ("fp32", False, False, True)
+    with pytest.raises(BenchError, match=r"precision 'fp16'; accepted: fp32, bf16"):
+        engine_settings(cpu, precision="fp16")
+
+
+def test_bench_perf_refuses_a_bad_precision_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import cli
+
+    res = CliRunner().invoke(cli, ["perf", "--device", "cpu", "--precision", "fp8", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "precision 'fp8'; accepted: fp32, bf16" in str(res.exception)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bench_perf_refuses_a_bad_label_before_timing_anything(tmp_path):
+    from bench.perf import run_perf
+
+    with pytest.raises(BenchError, match=r"label 'My Run'; accepted: lower-case letters, digits and '-'"):
+        run_perf(device="cpu", label="My Run", out_dir=tmp_path, echo=lambda s: None)
+    assert not list(tmp_path.iterdir())
