@@ -401,7 +401,8 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
     res = record["results"]
     click.echo(f"{target}  ({dataset}, {arch or 'robustbench'}, device {record['meta']['device']})")
     for name, r in res.items():
-        click.echo(f"  {name:<6} {r['acc']:6.2f}%  ({r['correct']}/{r['n']})")
+        secs = f", {r['seconds']:.1f} s" if isinstance(r.get("seconds"), (int, float)) else ""
+        click.echo(f"  {name:<6} {r['acc']:6.2f}%  ({r['correct']}/{r['n']}{secs})")
     flags = res.get("aa", {}).get("flags")
     if flags:
         click.echo("  AutoAttack flags: " + " | ".join(flags))

@@ -346,7 +346,11 @@ def eval_throughput(model: nn.Module, split, device: torch.device, *, n: int, aa
 
 def precision_check(device: torch.device, out_dir: Path, *, epochs: int, subset: int, eval_n: int,
                     echo: Callable[[str], None]) -> dict[str, Any]:
-    """A short PGD-AT run (smoke preset, synthetic data) in fp32 and in bf16: clean and PGD-20 side by side."""
+    """A short PGD-AT run (smoke preset, synthetic data) in fp32 and in bf16: clean and PGD-20 side by side.
+
+    ``out_dir`` belongs to one perf record (``runs-precision/<its file stem>``): the runs' identity does not hold the
+    device, so a shared directory would hand one device's finished runs to another device's record. An interrupted
+    check resumes there; each side records the device it was evaluated on."""
     from .records import RunDir
     from .runner import Runner, RunRequest, plan
 
@@ -357,9 +361,10 @@ def precision_check(device: torch.device, out_dir: Path, *, epochs: int, subset:
                          results_dir=str(out_dir))
         (p,) = plan(req)
         Runner(progress=False, echo=echo).execute(p.cfg)
-        ev = RunDir.for_config(p.cfg).read_eval()["results"]
+        record = RunDir.for_config(p.cfg).read_eval()
+        ev = record["results"]
         res[precision] = {"clean": ev["clean"]["acc"], "pgd20": ev["pgd20"]["acc"], "n": ev["clean"]["n"],
-                          "run": p.cfg.run_name}
+                          "run": p.cfg.run_name, "device": record.get("meta", {}).get("device")}
     # the binomial standard error of an accuracy p on n points, in percentage points: the "noise" of the comparison
     n = res["fp32"]["n"]
     se = {k: 100 * ((res["fp32"][k] / 100) * (1 - res["fp32"][k] / 100) / n) ** 0.5 for k in ("clean", "pgd20")}
@@ -463,12 +468,12 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
     echo(f"  evaluation: PGD-20 on {eval_n} images, AutoAttack on {aa_n}")
     record["evaluation"] = eval_throughput(model, split, dev, n=min(eval_n, len(split)), aa_n=aa_n,
                                            batch=max(batch, 128 if gpu else batch), repeats=repeats)
-    if science:
-        echo("  precision check: PGD-AT in fp32 and in bf16")
-        record["precision_check"] = precision_check(dev, Path(out_dir) / "runs-precision",
-                                                    epochs=8 if not gpu else 15, subset=200, eval_n=500, echo=echo)
     out = Path(out_dir)
     stem = out / f"{device_slug(name)}-{record['date']}{f'-{label}' if label else ''}"
+    if science:
+        echo("  precision check: PGD-AT in fp32 and in bf16")
+        record["precision_check"] = precision_check(dev, out / "runs-precision" / stem.name,
+                                                    epochs=8 if not gpu else 15, subset=200, eval_n=500, echo=echo)
     atomic_write_json(stem.with_suffix(".json"), record)
     atomic_write_text(stem.with_suffix(".md"), summary_markdown(record))
     echo(f"bench perf: wrote {stem}.json and {stem}.md")
@@ -483,20 +488,24 @@ def _per_repeat(row: dict[str, Any]) -> str:
 def summary_markdown(rec: dict[str, Any]) -> str:
     s = rec["settings"]
     label = f", {rec['label']}" if rec.get("label") else ""
+    cpu = rec["device"].startswith("cpu")  # a CPU's peak is the process's RSS: one number, not one per pipeline
     lines = [f"# bench perf — {rec['device']} ({rec['date']}{label})", "",
              f"torch {rec['torch']}, Python {rec['python']}, {rec['threads']} threads; {s['arch']}, "
-             f"batch {s['batch']}, {s['steps']} steps × {s['repeats']} repeats after {s['warmup']} warm-up; median (min–max). "
+             f"batch {s['batch']}, {s['steps']} steps × {s['repeats']} repeats after {s['warmup']} warm-up; "
+             f"median (min–max). {s.get('timing', '')}. "
              f"Engine: {json.dumps(s['engine'])}. Reference: {json.dumps(s['reference'])}.", "",
              "| method | reference img/s | engine img/s | engine / reference (per repeat) | engine s per CIFAR-10 "
-             "epoch | peak memory MB (ref / engine) |", "|---|---|---|---|---|---|"]
-    for m, r in rec["methods"].items():
+             f"epoch | {'peak RSS MB, whole process' if cpu else 'peak memory MB (ref / engine)'} |",
+             "|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(PERF_METHODS)}  # the JSON's keys are sorted; the table keeps this order
+    for m, r in sorted(rec["methods"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         ref, eng = r["reference"], r["engine"]
         lines.append(f"| {m} | {ref['images_per_s']:.1f} ({ref['sec_per_step_min'] * 1e3:.0f}–"
                      f"{ref['sec_per_step_max'] * 1e3:.0f} ms/step) | {eng['images_per_s']:.1f} "
                      f"({eng['sec_per_step_min'] * 1e3:.0f}–{eng['sec_per_step_max'] * 1e3:.0f} ms/step) | "
                      f"{r['speedup']:.2f}×{_per_repeat(r)} | {eng['sec_per_cifar10_epoch']:.1f} | "
-                     f"{ref['peak_mem_mb']} / "
-                     f"{eng['peak_mem_mb']} |")
+                     + (f"{max(ref['peak_mem_mb'], eng['peak_mem_mb'])} |" if cpu else
+                        f"{ref['peak_mem_mb']} / {eng['peak_mem_mb']} |"))
     pa = rec["methods"].get("pgd-at", {})
     if pa.get("achieved_flop_s"):
         frac = pa.get("fraction_of_peak")
@@ -515,6 +524,7 @@ def summary_markdown(rec: dict[str, Any]) -> str:
         lines += ["", f"Precision check ({pc['setting']}): fp32 clean {pc['fp32']['clean']:.2f} / PGD-20 "
                       f"{pc['fp32']['pgd20']:.2f}; bf16 clean {pc['bf16']['clean']:.2f} / PGD-20 "
                       f"{pc['bf16']['pgd20']:.2f}; difference {pc['difference']} pp, binomial s.e. "
-                      f"{pc['binomial_se_pp']} pp, within 2 s.e.: {pc['within_2se']}"]
+                      f"{pc['binomial_se_pp']} pp, within 2 s.e.: {pc['within_2se']}; trained and evaluated on "
+                      f"{pc['fp32'].get('device') or 'an unrecorded device'}"]
     lines.append("")
     return "\n".join(lines)

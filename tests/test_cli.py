@@ -1,6 +1,7 @@
 """The command line: bad input gives one line naming the value and what is accepted, exit code 2, nothing written;
 good input runs, records, reports status and evaluates."""
 import json
+import re
 import sys
 
 import pytest
@@ -119,6 +120,7 @@ def test_run_then_status_eval_and_list(capsys, monkeypatch, tmp_path):
     code, out, err = bench(capsys, monkeypatch, "eval", str(run_dir), "--attacks", "clean,pgd20", "--n", "10", "-q")
     assert code == 0, err
     assert "pgd20" in out and "(" in out
+    assert re.search(r"pgd20 +[0-9.]+%  \([0-9]+/10, [0-9.]+ s\)", out)  # the attack's time: AutoAttack's target
     assert "pgd20" in json.loads((run_dir / "eval.json").read_text())["results"]
     # the run's final weights evaluated as a plain checkpoint file give the same clean number
     code, out2, err = bench(capsys, monkeypatch, "eval", str(run_dir / "ckpt" / "model.safetensors"), "--arch",

@@ -43,7 +43,8 @@ def test_bench_perf_writes_a_well_formed_result(tmp_path):
 def test_the_precision_check_trains_fp32_and_bf16_side_by_side(tmp_path):
     res = precision_check(__import__("torch").device("cpu"), tmp_path, epochs=1, subset=5, eval_n=20,
                           echo=lambda s: None)
-    assert set(res["fp32"]) == set(res["bf16"]) == {"clean", "pgd20", "n", "run"}
+    assert set(res["fp32"]) == set(res["bf16"]) == {"clean", "pgd20", "n", "run", "device"}
+    assert res["fp32"]["device"].startswith("cpu")
     assert res["fp32"]["run"] != res["bf16"]["run"]  # two runs: precision is part of the identity
     assert res["difference"]["clean"] == pytest.approx(res["bf16"]["clean"] - res["fp32"]["clean"], abs=0.01)
     assert set(res["within_2se"]) == {"clean", "pgd20"}

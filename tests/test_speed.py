@@ -168,3 +168,26 @@ def test_bench_perf_refuses_a_bad_label_before_timing_anything(tmp_path):
     with pytest.raises(BenchError, match=r"label 'My Run'; accepted: lower-case letters, digits and '-'"):
         run_perf(device="cpu", label="My Run", out_dir=tmp_path, echo=lambda s: None)
     assert not list(tmp_path.iterdir())
+
+
+def test_each_perf_record_trains_its_own_precision_check(tmp_path, monkeypatch):
+    """The check's run identity does not hold the device: a shared directory would hand one device's finished runs
+    to another device's record (it did: a 2026-12-01 record reused the AMD runs of 2026-11-25)."""
+    import bench.perf as perf
+
+    seen = []
+
+    def fake_check(dev, out_dir, **kw):
+        seen.append(out_dir)
+        return {"fp32": {"clean": 1.0, "pgd20": 1.0, "n": 1, "run": "a", "device": "cpu"},
+                "bf16": {"clean": 1.0, "pgd20": 1.0, "n": 1, "run": "b", "device": "cpu"},
+                "difference": {"clean": 0.0, "pgd20": 0.0}, "binomial_se_pp": {"clean": 0.0, "pgd20": 0.0},
+                "within_2se": {"clean": True, "pgd20": True}, "setting": "fake"}
+
+    monkeypatch.setattr(perf, "precision_check", fake_check)
+    kw = dict(device="cpu", methods=("natural",), batch=4, steps=1, repeats=1, warmup=0, eval_n=4, aa_n=0,
+              compile_=False, precision="fp32", science=True, out_dir=tmp_path, echo=lambda s: None)
+    a = perf.run_perf(label="one", **kw)
+    b = perf.run_perf(label="two", **kw)
+    assert seen == [tmp_path / "runs-precision" / a.stem, tmp_path / "runs-precision" / b.stem]
+    assert "trained and evaluated on cpu" in a.with_suffix(".md").read_text()
