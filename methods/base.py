@@ -77,9 +77,9 @@ class ParamsDetached(nn.Module):
 
     It exists for ``torch.compile``: eager autograd prunes the weight gradients that ``torch.autograd.grad(loss, x)``
     does not ask for, but a compiled forward's backward (AOTAutograd) computes the gradient of every graph input that
-    requires one, so a compiled attack would compute every weight gradient and throw it away — about half the cost
-    of each attack backward. Compiled on top of this wrapper, the graph's parameters do not require gradients and the
-    backward computes the input gradient only."""
+    requires one, so a compiled attack would compute every weight gradient and throw it away. Compiled on top of this
+    wrapper, the graph's parameters do not require gradients and the backward computes the input gradient only
+    (smallcnn, batch 64, eval-mode BN, 2-core Xeon: 14.7 → 9.4 ms per forward and input backward, fp32)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -142,7 +142,7 @@ class Method:
         self.stopped = False  # set by a method that ends training early (its current weights are the result)
         self.model = model
         # ``fused`` (default: on a GPU): one fused SGD kernel per step instead of torch's per-tensor updates; the
-        # same update up to rounding (tests/test_methods.py). On a CPU the default stays the for-loop update every
+        # same update up to rounding (tests/test_speed.py). On a CPU the default stays the for-loop update every
         # CPU record so far was trained with, so a CPU run is reproduced bit for bit.
         self.fused = any(p.is_cuda for p in model.parameters()) if fused is None else bool(fused)
         self.net: Callable[..., torch.Tensor] = model  # training forward: the engine may compile / DDP-wrap it
