@@ -58,15 +58,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-
-
 def _reset_mem(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _peak_mem_mb(device: torch.device, start: int, resident: int) -> float:
+    """On a GPU: the peak since ``_reset_mem`` above ``start`` (allocated when the phase began) plus ``resident``
+    (what the pipeline holds); on a CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - start + resident) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _stats(per_step: list[float], batch: int, *, steps: int, warmup: int) -> dict[str, Any]:
@@ -74,17 +80,6 @@ def _stats(per_step: list[float], batch: int, *, steps: int, warmup: int) -> dic
     return {"sec_per_step": med, "sec_per_step_min": min(per_step), "sec_per_step_max": max(per_step),
             "images_per_s": batch / med, "sec_per_cifar10_epoch": CIFAR_EPOCH / (batch / med),
             "repeats": len(per_step), "steps": steps, "warmup": warmup, "sec_per_step_all": per_step}
-
-
-def time_steps(step: Callable[[], Any], *, warmup: int, steps: int, repeats: int, device: torch.device,
-               batch: int) -> dict[str, Any]:
-    """Median / min / max seconds per step over ``repeats`` runs of ``steps`` steps, after ``warmup`` steps."""
-    return time_interleaved({"only": lambda: step}, warmup=warmup, steps=steps, repeats=repeats, device=device,
-                            batch=batch)["only"]
-
-
-def _allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def time_interleaved(build: dict[str, Callable[[], Callable[[], Any]]], *, warmup: int, steps: int, repeats: int,
@@ -113,10 +108,7 @@ def time_interleaved(build: dict[str, Callable[[], Callable[[], Any]]], *, warmu
                 fns[k]()
             _sync(device)
             per[k].append((time.perf_counter() - t0) / steps)
-            if device.type == "cuda":
-                peak[k] = max(peak[k], (torch.cuda.max_memory_allocated(device) - start + resident[k]) / 2**20)
-            else:
-                peak[k] = _peak_mem_mb(device)
+            peak[k] = max(peak[k], _peak_mem_mb(device, start, resident[k]))
     out = {}
     for k in fns:
         out[k] = _stats(per[k], batch, steps=steps, warmup=warmup)
@@ -179,15 +171,18 @@ def engine_settings(device: torch.device, *, compile_: bool | None = None, preci
     autocast, channels_last, ``torch.compile`` and a fused SGD; on a CPU ``torch.compile`` where a C++ compiler is
     installed, bf16 where it is native (:func:`native_bf16`), the contiguous format (channels_last, with or without
     compile, timed within ±5 % of it for the CPU's smallcnn steps on a 2-core Xeon) and the for-loop SGD."""
+    from .config import PRECISIONS
+
     gpu = device.type == "cuda"
-    if precision is not None and precision not in ("fp32", "bf16"):
-        raise BenchError(f"bench perf: precision {precision!r}; accepted: fp32, bf16")
+    if precision is not None and precision not in PRECISIONS:
+        raise BenchError(f"bench perf: precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
+    native = native_bf16(device)
     comp = (gpu or _cpp_compiler() is not None) if compile_ is None else bool(compile_)
-    prec = precision or ("bf16" if native_bf16(device) else "fp32")
+    prec = precision or ("bf16" if native else "fp32")
     cl = gpu if channels_last is None else bool(channels_last)
     return {"precision": prec, "bf16": prec == "bf16", "channels_last": cl, "compile": comp,
             "compile_attack": "parameters detached (methods.base.ParamsDetached)" if comp else None,
-            "fused_sgd": gpu, "native_bf16": native_bf16(device),
+            "fused_sgd": gpu, "native_bf16": native,
             "data": "device-resident uint8, crop/flip on device"}
 
 
