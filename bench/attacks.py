@@ -10,6 +10,10 @@ and restores every module's own ``training`` flag afterwards, whatever happens i
 the ε-ball around ``x``. Gradients are taken with ``torch.autograd.grad`` w.r.t. the input only, so no parameter's
 ``.grad`` is touched.
 
+One PGD step is :func:`sign_step`. When the attacked forward is the engine's compiled one
+(:class:`CompiledAttackForward`) and no module of the model is in train mode, the step is a single compiled graph:
+forward, loss, input gradient (``torch.func.grad``), sign and projection together.
+
 AutoAttack is a thin wrapper of the ``pyautoattack`` package (never a re-implementation), run in fp32, resumable
 by chunks of the evaluated set.
 """
@@ -94,6 +98,79 @@ def input_grad(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: LossF
     return g, logits.detach()
 
 
+class ParamsDetached(nn.Module):
+    """``module``'s forward with every parameter detached (``torch.func.functional_call``; the buffers are the
+    module's own, so a train-mode BN still updates its running statistics in place): the forward an attack
+    differentiates w.r.t. its input. Its values and input gradients are the module's; no gradient can reach a
+    parameter through it.
+
+    It exists for ``torch.compile``: eager autograd prunes the weight gradients that ``torch.autograd.grad(loss, x)``
+    does not ask for, but a compiled forward's backward (AOTAutograd) computes the gradient of every graph input that
+    requires one, so a compiled attack would compute every weight gradient and throw it away. Compiled on top of this
+    wrapper, the graph's parameters do not require gradients and the backward computes the input gradient only
+    (smallcnn, batch 64, eval-mode BN, 2-core Xeon: 14.7 → 9.4 ms per forward and input backward, fp32)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        params = {k: p.detach() for k, p in self.module.named_parameters()}
+        return torch.func.functional_call(self.module, params, (x, *args), kwargs)
+
+
+class CompiledAttackForward:
+    """The attacks' forward as the engine compiles it (``Method.compile``): called, it is ``torch.compile`` of
+    :class:`ParamsDetached` over ``model``; :meth:`fused_sign_step` is one whole PGD step compiled as one graph.
+
+    Why the fused step: compiled, the forward alone leaves every step's loss, its backward seed, the autograd
+    engine's walk of the compiled backward, ``sign``, the step and the two clips to eager ops, each its own kernel
+    and pass over the batch. One graph of ``x′ ↦ Π_ε(x′ + step·sign ∇_{x′} loss(f(x′), y))`` (the gradient by
+    ``torch.func.grad``) fuses them with the forward's and backward's own kernels and calls the autograd engine not
+    at all (TRADES' 10-step attack, smallcnn, batch 64, bf16, 2-core Xeon: about 0.72× the time of the compiled
+    forward with eager steps).
+
+    ``torch.func.grad`` cannot run a function that updates a captured buffer in place, which a train-mode
+    BatchNorm does; so the fused step is taken only when no module of ``model`` is in train mode, and
+    :meth:`fused_sign_step` returns ``None`` otherwise (the caller then steps through the compiled forward and
+    ``torch.autograd.grad``, which updates the running statistics as the eager model does)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.detached = ParamsDetached(model)
+        self.forward = torch.compile(self.detached)
+        self._step = torch.compile(self._sign_step)
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        return self.forward(x, *args, **kwargs)
+
+    def _sign_step(self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, step: float,
+                   eps: float) -> torch.Tensor:
+        g = torch.func.grad(lambda z: loss_fn(self.detached(z), y))(x_adv)
+        return project(x_adv + step * g.sign(), x, eps)
+
+    def fused_sign_step(self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, step: float,
+                        eps: float) -> torch.Tensor | None:
+        """:func:`sign_step` as one compiled graph, or ``None`` when a module of the model is in train mode."""
+        if any(m.training for m in self.model.modules()):
+            return None
+        return self._step(x_adv.detach(), x.detach(), y, loss_fn, step, eps)
+
+
+def sign_step(fwd: Callable, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, step: float, eps: float,
+              loss_fn: LossFn = _ce, seed: bool = False) -> torch.Tensor:
+    """One signed-gradient ascent step of ``loss_fn(fwd(x′), y)`` w.r.t. x′, projected: ``Π_ε(x′ + step·sign ∇)``
+    (``seed``: as :func:`input_grad`). Through the engine's :class:`CompiledAttackForward` in eval mode, one fused
+    compiled graph; otherwise :func:`input_grad` and the update."""
+    fused = getattr(fwd, "fused_sign_step", None)
+    if fused is not None:
+        out = fused(x_adv, x, y, loss_fn, step, eps)
+        if out is not None:
+            return out
+    g, _ = input_grad(fwd, x_adv, y, loss_fn, seed=seed)
+    return project(x_adv.detach() + step * g.sign(), x, eps)
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
         random_start: bool = True, restarts: int = 1, loss_fn: LossFn = _ce, bn: BNMode = "eval",
         clip_start: bool = False, forward: Callable | None = None,
@@ -115,8 +192,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step:
             if clip_start:
                 x_adv = x_adv.clamp(0.0, 1.0)
             for _ in range(steps):
-                g, _ = input_grad(fwd, x_adv, y, loss_fn, seed=bn == "train")
-                x_adv = project(x_adv.detach() + step * g.sign(), x, eps)
+                x_adv = sign_step(fwd, x_adv, x, y, step=step, eps=eps, loss_fn=loss_fn, seed=bn == "train")
             if restarts <= 1:
                 return x_adv.detach()
             with torch.no_grad():
@@ -139,8 +215,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
     x = x.detach()
     with bn_mode(model, bn):
         x0 = (x + uniform_noise(x, eps, generator)).clamp(0.0, 1.0) if random_start else x
-        g, _ = input_grad(fwd, x0, y, loss_fn, seed=bn == "train")
-        return project(x0 + (eps if step is None else step) * g.sign(), x, eps).detach()
+        return sign_step(fwd, x0, x, y, step=eps if step is None else step, eps=eps, loss_fn=loss_fn,
+                         seed=bn == "train").detach()
 
 
 # ---------------------------------------------------------------------------------------------------------------

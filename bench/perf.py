@@ -4,7 +4,8 @@ memory — for natural, PGD-AT, TRADES and AFD training steps, and for evaluatio
 
 * **engine**: the whole split as one uint8 tensor on the device, crop/flip on the device for a whole batch
   (:class:`~bench.loader.DeviceLoader`), ``torch.compile`` of the training forward and of the attacks' forward (with
-  the parameters detached, :class:`methods.base.ParamsDetached`), bf16 autocast for training, channels_last, a fused
+  the parameters detached, and each eval-mode PGD step — forward, loss, input gradient, sign, projection — one
+  compiled graph: :class:`bench.attacks.CompiledAttackForward`), bf16 autocast for training, channels_last, a fused
   SGD on a GPU, the method's own ``train_step`` with no host sync inside the step. The defaults follow the device
   (:func:`engine_settings`): on a GPU all of them; on a CPU ``torch.compile`` where a C++ compiler is installed
   (inductor needs one) and bf16 where the CPU computes it natively (AMX / AVX512-BF16, oneDNN's own check) —
@@ -23,8 +24,9 @@ process, as a CPU gives no per-phase peak). On CUDA the achieved FLOP/s of the P
 fraction of the device's peak (bf16 dense tensor-core peak from a small table of known GPUs; the FLOPs counted with
 ``torch.utils.flop_counter`` for one training step: the attack's forward and backward passes and the update's).
 
-``--science`` also trains a short PGD-AT run in fp32 and in bf16 (same seed, data, schedule) and records their clean
-and PGD-20 accuracies side by side: speed must not change the numbers.
+``--science`` also trains a short PGD-AT run in fp32 and in bf16 (same seed, data, schedule), and when the engine
+compiles a third one in its precision with ``torch.compile``, and records their clean and PGD-20 accuracies side by
+side: speed must not change the numbers.
 
 Results: ``results/perf/<device>-<date>[-<label>].json`` and ``.md``. Timings belong to the device named in them;
 ratios are only ever taken between two measurements of one run.
@@ -181,7 +183,8 @@ def engine_settings(device: torch.device, *, compile_: bool | None = None, preci
     prec = precision or ("bf16" if native else "fp32")
     cl = gpu if channels_last is None else bool(channels_last)
     return {"precision": prec, "bf16": prec == "bf16", "channels_last": cl, "compile": comp,
-            "compile_attack": "parameters detached (methods.base.ParamsDetached)" if comp else None,
+            "compile_attack": ("parameters detached (ParamsDetached); an eval-mode PGD step is one graph "
+                               "(bench.attacks.CompiledAttackForward)") if comp else None,
             "fused_sgd": gpu, "native_bf16": native,
             "data": "device-resident uint8, crop/flip on device"}
 
@@ -340,32 +343,44 @@ def eval_throughput(model: nn.Module, split, device: torch.device, *, n: int, aa
 
 
 def precision_check(device: torch.device, out_dir: Path, *, epochs: int, subset: int, eval_n: int,
-                    echo: Callable[[str], None]) -> dict[str, Any]:
+                    echo: Callable[[str], None], compiled: str | None = None) -> dict[str, Any]:
     """A short PGD-AT run (smoke preset, synthetic data) in fp32 and in bf16: clean and PGD-20 side by side.
+    ``compiled`` (a precision): also a third run in that precision with ``torch.compile`` — the engine as
+    ``bench perf`` times it, the fused compiled attack step included — compared with fp32 alike.
 
     ``out_dir`` belongs to one perf record (``runs-precision/<its file stem>``): the runs' identity does not hold the
-    device, so a shared directory would hand one device's finished runs to another device's record. An interrupted
-    check resumes there; each side records the device it was evaluated on."""
+    device, so a shared directory would hand one device's finished runs to another device's record (nor does it hold
+    ``compile``: the compiled run trains under ``out_dir/compiled``). An interrupted check resumes there; each side
+    records the device it was evaluated on."""
     from .records import RunDir
     from .runner import Runner, RunRequest, plan
 
-    res: dict[str, Any] = {}
-    for precision in ("fp32", "bf16"):
+    def train(precision: str, compile_: bool) -> dict[str, Any]:
         req = RunRequest(methods=["pgd-at"], preset="smoke", epochs=epochs, subset=subset, eval_n=eval_n,
                          attacks=["clean", "pgd20"], probe_n=0, device=str(device), precision=precision,
-                         results_dir=str(out_dir))
+                         compile=compile_, results_dir=str(out_dir / "compiled" if compile_ else out_dir))
         (p,) = plan(req)
         Runner(progress=False, echo=echo).execute(p.cfg)
         record = RunDir.for_config(p.cfg).read_eval()
         ev = record["results"]
-        res[precision] = {"clean": ev["clean"]["acc"], "pgd20": ev["pgd20"]["acc"], "n": ev["clean"]["n"],
-                          "run": p.cfg.run_name, "device": record.get("meta", {}).get("device")}
+        return {"clean": ev["clean"]["acc"], "pgd20": ev["pgd20"]["acc"], "n": ev["clean"]["n"],
+                "run": p.cfg.run_name, "device": record.get("meta", {}).get("device")}
+
+    res: dict[str, Any] = {"fp32": train("fp32", False), "bf16": train("bf16", False)}
     # the binomial standard error of an accuracy p on n points, in percentage points: the "noise" of the comparison
     n = res["fp32"]["n"]
     se = {k: 100 * ((res["fp32"][k] / 100) * (1 - res["fp32"][k] / 100) / n) ** 0.5 for k in ("clean", "pgd20")}
-    res["difference"] = {k: round(res["bf16"][k] - res["fp32"][k], 2) for k in ("clean", "pgd20")}
+
+    def compare(side: dict[str, Any]) -> tuple[dict[str, float], dict[str, bool]]:
+        diff = {k: round(side[k] - res["fp32"][k], 2) for k in se}
+        return diff, {k: abs(diff[k]) <= 2 * max(se[k], 100 / n) for k in se}
+
+    res["difference"], res["within_2se"] = compare(res["bf16"])
     res["binomial_se_pp"] = {k: round(v, 2) for k, v in se.items()}
-    res["within_2se"] = {k: abs(res["difference"][k]) <= 2 * max(se[k], 100 / n) for k in se}
+    if compiled:
+        side = {"precision": compiled, **train(compiled, True)}
+        side["difference"], side["within_2se"] = compare(side)
+        res["compiled"] = side
     res["setting"] = f"pgd-at, smoke preset (smallcnn, synthetic), {epochs} epochs, {subset} images/class, n={n}"
     return res
 
@@ -466,9 +481,12 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
     out = Path(out_dir)
     stem = out / f"{device_slug(name)}-{record['date']}{f'-{label}' if label else ''}"
     if science:
-        echo("  precision check: PGD-AT in fp32 and in bf16")
+        compiled = eng["precision"] if eng["compile"] else None
+        echo("  precision check: PGD-AT in fp32 and in bf16" + (f", and {compiled} compiled (the engine)"
+                                                               if compiled else ""))
         record["precision_check"] = precision_check(dev, out / "runs-precision" / stem.name,
-                                                    epochs=8 if not gpu else 15, subset=200, eval_n=500, echo=echo)
+                                                    epochs=8 if not gpu else 15, subset=200, eval_n=500, echo=echo,
+                                                    compiled=compiled)
     atomic_write_json(stem.with_suffix(".json"), record)
     atomic_write_text(stem.with_suffix(".md"), summary_markdown(record))
     echo(f"bench perf: wrote {stem}.json and {stem}.md")
@@ -521,5 +539,10 @@ def summary_markdown(rec: dict[str, Any]) -> str:
                       f"{pc['bf16']['pgd20']:.2f}; difference {pc['difference']} pp, binomial s.e. "
                       f"{pc['binomial_se_pp']} pp, within 2 s.e.: {pc['within_2se']}; trained and evaluated on "
                       f"{pc['fp32'].get('device') or 'an unrecorded device'}"]
+        c = pc.get("compiled")
+        if c:
+            lines.append(f"Compiled ({c['precision']} + torch.compile, the engine's fused attack step): clean "
+                         f"{c['clean']:.2f} / PGD-20 {c['pgd20']:.2f}; difference from fp32 {c['difference']} pp, "
+                         f"within 2 s.e.: {c['within_2se']}")
     lines.append("")
     return "\n".join(lines)

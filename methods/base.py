@@ -23,7 +23,8 @@ The engine owns the data, the clock and the disk; a method owns its losses, its 
 Forwards: ``self.net`` is the *training* forward (the engine may swap in a compiled module, and under data
 parallelism the DistributedDataParallel wrapper whose backward reduces the gradients); ``self.attack_net`` is the
 forward attacks differentiate w.r.t. the input (compiled, never DDP-wrapped; compiled, it is
-:class:`ParamsDetached`: no gradient reaches a parameter through it). A method whose gradients come from
+:class:`bench.attacks.CompiledAttackForward`: no gradient reaches a parameter through it, and an eval-mode PGD step is
+one compiled graph). A method whose gradients come from
 ``torch.autograd.grad`` instead of ``backward()`` sets ``grad_sync = "manual"`` and reduces them itself with
 ``self.dist.reduce_grads_`` (AFD). ``self.dist`` (:class:`bench.dist.Dist`) is the process group: single-process by
 default, where all of this is a no-op.
@@ -39,7 +40,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from bench.attacks import pgd
+from bench.attacks import ParamsDetached  # noqa: F401 (re-exported: the attacks' forward of a compiled method)
+from bench.attacks import CompiledAttackForward, pgd
 from bench.dist import seed_loss
 from bench.errors import BenchError
 from bench.loader import Batch
@@ -67,27 +69,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "eps": EPS,
     "ema": None,  # None, or {"decay": 0.999, "warmup": true}: decay_t = min(decay, (t+1)/(t+10)) when warmup
 }
-
-
-class ParamsDetached(nn.Module):
-    """``module``'s forward with every parameter detached (``torch.func.functional_call``; the buffers are the
-    module's own, so a train-mode BN still updates its running statistics in place): the forward an attack
-    differentiates w.r.t. its input. Its values and input gradients are the module's; no gradient can reach a
-    parameter through it.
-
-    It exists for ``torch.compile``: eager autograd prunes the weight gradients that ``torch.autograd.grad(loss, x)``
-    does not ask for, but a compiled forward's backward (AOTAutograd) computes the gradient of every graph input that
-    requires one, so a compiled attack would compute every weight gradient and throw it away. Compiled on top of this
-    wrapper, the graph's parameters do not require gradients and the backward computes the input gradient only
-    (smallcnn, batch 64, eval-mode BN, 2-core Xeon: 14.7 → 9.4 ms per forward and input backward, fp32)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        params = {k: p.detach() for k, p in self.module.named_parameters()}
-        return torch.func.functional_call(self.module, params, (x, *args), kwargs)
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -169,7 +150,8 @@ class Method:
 
     def compile(self) -> None:
         """``torch.compile`` the two forwards: the training forward ``self.net`` and the attacks' forward
-        ``self.attack_net`` (on :class:`ParamsDetached`, see there). Called by the engine with ``compile = true``
+        ``self.attack_net`` (:class:`bench.attacks.CompiledAttackForward`: the forward on :class:`ParamsDetached`,
+        and each eval-mode PGD step fused into one compiled graph). Called by the engine with ``compile = true``
         once the method is built; under data parallelism the engine compiles the DDP-wrapped training forward in
         place of ``self.net``.
 
@@ -183,7 +165,7 @@ class Method:
 
         torch._dynamo.reset()
         self.net = torch.compile(self.model)
-        self.attack_net = torch.compile(ParamsDetached(self.model))
+        self.attack_net = CompiledAttackForward(self.model)
 
     # -- schedule -----------------------------------------------------------------------------------------------
     def lr_at(self, epoch: int, step: int) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.attacks import bn_mode, project
+from bench.attacks import bn_mode, sign_step
 from bench.dist import per_example, rows_like
 
 from .base import Method, register_method
@@ -42,10 +42,7 @@ def trades_attack(model, x: torch.Tensor, *, eps: float, step: float, steps: int
             target = fwd(x).detach()
         x_adv = x + init_std * per_example(lambda m: rows_like(x, m).normal_(), x.shape[0])
         for _ in range(steps):
-            x_adv = x_adv.detach().requires_grad_(True)
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad(kl_sum(fwd(x_adv), target), x_adv)
-            x_adv = project(x_adv.detach() + step * g.sign(), x, eps)
+            x_adv = sign_step(fwd, x_adv, x, target, step=step, eps=eps, loss_fn=kl_sum)
     return x_adv.detach()
 
 

@@ -41,9 +41,20 @@ def test_bench_perf_writes_a_well_formed_result(tmp_path):
 
 @pytest.mark.slow
 def test_the_precision_check_trains_fp32_and_bf16_side_by_side(tmp_path):
+    """fp32 and bf16 eager, and the engine's compiled run (its own directory: compile is not in a run's identity,
+    so it would otherwise reuse the eager bf16 run)."""
+    import json
+
     res = precision_check(__import__("torch").device("cpu"), tmp_path, epochs=1, subset=5, eval_n=20,
-                          echo=lambda s: None)
+                          echo=lambda s: None, compiled="bf16")
     assert set(res["fp32"]) == set(res["bf16"]) == {"clean", "pgd20", "n", "run", "device"}
+    c = res["compiled"]
+    assert c["precision"] == "bf16" and c["run"] == res["bf16"]["run"]  # the same run identity...
+    cfg = json.loads((tmp_path / "compiled" / "runs" / c["run"] / "config.json").read_text())
+    eager = json.loads((tmp_path / "runs" / c["run"] / "config.json").read_text())
+    assert cfg["config"]["compile"] is True and eager["config"]["compile"] is False  # ...trained twice
+    assert c["difference"]["pgd20"] == pytest.approx(c["pgd20"] - res["fp32"]["pgd20"], abs=0.01)
+    assert set(c["within_2se"]) == {"clean", "pgd20"}
     assert res["fp32"]["device"].startswith("cpu")
     assert res["fp32"]["run"] != res["bf16"]["run"]  # two runs: precision is part of the identity
     assert res["difference"]["clean"] == pytest.approx(res["bf16"]["clean"] - res["fp32"]["clean"], abs=0.01)
@@ -51,4 +62,5 @@ def test_the_precision_check_trains_fp32_and_bf16_side_by_side(tmp_path):
     rec = {"device": "cpu", "date": "d", "torch": "t", "python": "p", "threads": 1,
            "settings": {"arch": "a", "batch": 1, "steps": 1, "repeats": 1, "warmup": 0, "engine": {},
                         "reference": {}}, "methods": {}, "precision_check": res}
-    assert "Precision check" in summary_markdown(rec)
+    md = summary_markdown(rec)
+    assert "Precision check" in md and "Compiled (bf16 + torch.compile" in md

@@ -1,5 +1,6 @@
 """The engine's speed features change how fast, never what is computed: the compiled attack forward
-(:class:`methods.base.ParamsDetached`), the fused SGD, dynamo's reset per method, and the side-by-side timing of
+(:class:`methods.base.ParamsDetached`) and its fused PGD step (:class:`bench.attacks.CompiledAttackForward`), the
+fused SGD, dynamo's reset per method, and the side-by-side timing of
 ``bench perf`` (no timing is asserted: only what is timed, in what order, and with which settings)."""
 import copy
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.attacks import CompiledAttackForward, pgd, project, sign_step
 from bench.errors import BenchError
 from bench.loader import Batch
 from bench.perf import engine_settings, time_interleaved
@@ -52,7 +54,8 @@ def test_the_compiled_attack_forward_carries_no_parameter_gradient(tiny_model):
     gradients, so its backward computes the input gradient only; the compiled training forward keeps them."""
     m = get_method("pgd-at")(get_method("pgd-at").resolved_defaults(), tiny_model.eval())
     m.compile()
-    assert isinstance(m.attack_net._orig_mod, ParamsDetached) and m.attack_net._orig_mod.module is m.model
+    assert isinstance(m.attack_net, CompiledAttackForward) and m.attack_net.model is m.model
+    assert isinstance(m.attack_net.forward._orig_mod, ParamsDetached) and m.attack_net.detached.module is m.model
     assert m.net._orig_mod is m.model
     x, y = _xy()
     assert not m.attack_net(x).requires_grad and m.net(x).requires_grad
@@ -63,6 +66,116 @@ def test_the_compiled_attack_forward_carries_no_parameter_gradient(tiny_model):
     assert all(p.grad is None for p in m.model.parameters())
 
 
+def _eager_grad(model, x_adv, y, loss_fn):
+    xi = x_adv.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_fn(model(xi), y), xi)
+    return g
+
+
+def _kl_target(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["ce", "trades-kl"])
+def test_the_fused_pgd_step_is_the_eager_step(tiny_model, loss):
+    """Eval mode: one compiled graph (no graph break) of forward, loss, input gradient, sign and projection, whose
+    step is the eager one wherever the gradient's sign is not a rounding's call; no parameter gradient, no BN update."""
+    from methods.trades import kl_sum
+
+    model = tiny_model.eval()
+    x, y = _xy(16)
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    loss_fn, target = (F.cross_entropy, y) if loss == "ce" else (kl_sum, _kl_target(model, x))
+    buffers = [b.clone() for b in model.buffers()]
+    caf = CompiledAttackForward(model)
+    explained = torch._dynamo.explain(caf._sign_step)(x_adv, x, target, loss_fn, 2 / 255, 8 / 255)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    fused = caf.fused_sign_step(x_adv, x, target, loss_fn, 2 / 255, 8 / 255)
+    eager = sign_step(model, x_adv, x, target, step=2 / 255, eps=8 / 255, loss_fn=loss_fn)
+    g = _eager_grad(model, x_adv, target, loss_fn)
+    # where fp32 rounding cannot flip the sign (near x the KL gradient is ~1e-8 at most, its smallest entries noise)
+    clear = g.abs() > 1e-3 * g.abs().max()
+    assert clear.float().mean() > 0.9
+    assert torch.equal(fused[clear], eager[clear])
+    assert torch.equal(eager, project(x_adv + 2 / 255 * g.sign(), x, 8 / 255))  # the eager step is the definition
+    assert not fused.requires_grad and (fused - x).abs().max() <= 8 / 255 + 1e-6
+    assert fused.min() >= 0 and fused.max() <= 1
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+@pytest.mark.slow
+def test_the_attacks_take_the_fused_step_in_eval_mode_only(tiny_model):
+    """PGD (bn="eval") and TRADES' attack step through the fused graph, every step; a train-mode attack (bn="train",
+    Free-AT / FGSM-RS) does not (``torch.func.grad`` cannot update BN buffers): it steps through the compiled
+    forward and updates the running statistics as the eager model does."""
+    from methods.trades import trades_attack
+
+    model = tiny_model
+    caf = CompiledAttackForward(model)
+    calls = []
+    inner = caf._step
+    caf._step = lambda *a: calls.append(1) or inner(*a)
+    x, y = _xy(16)
+    pgd(model, x, y, eps=8 / 255, step=2 / 255, steps=3, bn="eval", forward=caf)
+    assert len(calls) == 3
+    trades_attack(model, x, eps=8 / 255, step=0.007, steps=2, forward=caf)
+    assert len(calls) == 5
+    assert model.training  # the attacks restore the mode they found
+
+    ref = copy.deepcopy(model)
+    torch.manual_seed(1)
+    a = pgd(model, x, y, eps=8 / 255, step=2 / 255, steps=2, bn="train", forward=caf)
+    torch.manual_seed(1)
+    b = pgd(ref, x, y, eps=8 / 255, step=2 / 255, steps=2, bn="train")
+    assert len(calls) == 5  # not fused
+    assert (a - b).abs().gt(1e-6).float().mean() < 0.01
+    for p, q in zip(model.buffers(), ref.buffers()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(model.body[1].running_mean, torch.zeros(8))  # they did move
+    assert int(model.body[1].num_batches_tracked) == int(ref.body[1].num_batches_tracked) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,tol", [("pgd-at", 1e-2), ("afd", 1e-2), ("trades", 5e-2)])
+def test_a_compiled_method_steps_as_the_eager_one(tiny_model, name, tol):
+    """One training step of the compiled method (both forwards compiled, the attack's steps fused) moves the
+    weights as the eager method does, up to fp32 rounding: the compiled train-mode BN of PGD-AT's forward alone
+    moves the update by ~0.4 % of its largest entry. TRADES' attack starts 0.001·N(0, I) from x, where an untrained
+    model's KL gradient is ~1e-8 and its sign largely rounding: there eager fp32, compiled fp32 and the fused step
+    each end ~78 % of their pixels away from an fp64 attack alike, and the fused attack must be as strong as the
+    eager one (its KL within 10 %) rather than equal."""
+    cls = get_method(name)
+    teacher = copy.deepcopy(tiny_model) if cls.starts_from != "scratch" else None
+    eager = cls(cls.resolved_defaults(), copy.deepcopy(tiny_model), copy.deepcopy(teacher))
+    comp = cls(cls.resolved_defaults(), copy.deepcopy(tiny_model), copy.deepcopy(teacher))
+    comp.compile()
+    start = [p.detach().clone() for p in eager.model.parameters()]
+    x, y = _xy(16)
+    for m in (eager, comp):
+        torch.manual_seed(1)
+        m.train_step(Batch(x, y, torch.arange(16)), 0, 0)
+    d_e = torch.cat([(p.detach() - s).flatten() for p, s in zip(eager.model.parameters(), start)])
+    d_c = torch.cat([(p.detach() - s).flatten() for p, s in zip(comp.model.parameters(), start)])
+    assert d_e.abs().max() > 1e-4
+    assert (d_c - d_e).abs().max() <= tol * d_e.abs().max()
+    for a, b in zip(eager.model.buffers(), comp.model.buffers()):
+        torch.testing.assert_close(a, b, rtol=tol, atol=1e-5)
+    if name == "trades":
+        from methods.trades import kl_sum
+
+        strength = []
+        for m in (eager, comp):
+            torch.manual_seed(2)
+            x_adv = m.attack(x)
+            with torch.no_grad():
+                m.model.eval()
+                strength.append(float(kl_sum(m.model(x_adv), m.model(x))))
+        assert strength[0] > 0 and strength[1] == pytest.approx(strength[0], rel=0.1)
+
+
 def test_method_compile_resets_dynamo_first(tiny_model, monkeypatch):
     import torch._dynamo
 
@@ -71,7 +184,7 @@ def test_method_compile_resets_dynamo_first(tiny_model, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda mod: calls.append(type(mod).__name__) or mod)
     m = get_method("natural")(get_method("natural").resolved_defaults(), tiny_model)
     m.compile()
-    assert calls == ["reset", "SmallCNN", "ParamsDetached"]
+    assert calls == ["reset", "SmallCNN", "ParamsDetached", "method"]  # the last: the fused PGD step
 
 
 def test_afd_compiles_its_disentangled_model_for_both_forwards(tiny_model, monkeypatch):
@@ -80,7 +193,7 @@ def test_afd_compiles_its_disentangled_model_for_both_forwards(tiny_model, monke
     m = cls(cls.resolved_defaults(), tiny_model, copy.deepcopy(tiny_model))
     m.compile()
     assert m.net is m.model and type(m.model).__name__ == "Disentangled"
-    assert isinstance(m.attack_net, ParamsDetached) and m.attack_net.module is m.model
+    assert isinstance(m.attack_net, CompiledAttackForward) and m.attack_net.detached.module is m.model
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
