@@ -135,8 +135,9 @@ class CompiledAttackForward:
     :meth:`fused_sign_step` returns ``None`` otherwise (the caller then steps through the compiled forward and
     ``torch.autograd.grad``, which updates the running statistics as the eager model does)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fused: bool = True):
         self.model = model
+        self.fused = fused  # False: never fuse (the ablation ``bench perf --ablate-fused-step`` times)
         self.detached = ParamsDetached(model)
         self.forward = torch.compile(self.detached)
         self._step = torch.compile(self._sign_step)
@@ -151,8 +152,9 @@ class CompiledAttackForward:
 
     def fused_sign_step(self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, step: float,
                         eps: float) -> torch.Tensor | None:
-        """:func:`sign_step` as one compiled graph, or ``None`` when a module of the model is in train mode."""
-        if any(m.training for m in self.model.modules()):
+        """:func:`sign_step` as one compiled graph, or ``None`` when a module of the model is in train mode (or
+        fusing is off)."""
+        if not self.fused or any(m.training for m in self.model.modules()):
             return None
         return self._step(x_adv.detach(), x.detach(), y, loss_fn, step, eps)
 

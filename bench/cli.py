@@ -484,10 +484,13 @@ def report_cmd(results_dir, out_dir) -> None:
 @click.option("--aa-n", type=int, help="Images for the AutoAttack pass (0: skip).")
 @click.option("--science/--no-science", default=False, show_default=True,
               help="Also train PGD-AT in fp32 and bf16 and compare their accuracies.")
+@click.option("--ablate-fused-step", is_flag=True,
+              help="Also time the compiled engine stepping its attack eagerly (no fused PGD step), interleaved with "
+                   "the other two: what the fused step buys on this device.")
 @click.option("--out", "out_dir", default="results/perf", show_default=True)
 @click.option("--label", help="Added to the file name (OUT/<device>-<date>-LABEL.json): a second setting on one day.")
 def perf_cmd(device, methods, arch, batch_size, steps, repeats, warmup, attack_steps, compile_, precision,
-             channels_last, workers, eval_n, aa_n, science, out_dir, label) -> None:
+             channels_last, workers, eval_n, aa_n, science, ablate_fused_step, out_dir, label) -> None:
     """The engine against a papers'-style reference loop, side by side in one process: images/s, seconds per
     CIFAR-10 epoch, peak memory, engine/reference ratios; PGD-20 and AutoAttack throughput. Writes
     OUT/<device>-<date>.json and .md."""
@@ -498,7 +501,8 @@ def perf_cmd(device, methods, arch, batch_size, steps, repeats, warmup, attack_s
     run_perf(device=device, arch=arch, methods=tuple(_csv(methods) or ()), batch=batch_size, steps=steps,
              repeats=repeats, warmup=warmup, attack_steps=attack_steps, compile_=compile_, precision=precision,
              channels_last=channels_last, workers=workers,
-             eval_n=eval_n, aa_n=aa_n, science=science, out_dir=out_dir, label=label, echo=click.echo)
+             eval_n=eval_n, aa_n=aa_n, science=science, out_dir=out_dir, label=label,
+             ablate_fused_step=ablate_fused_step, echo=click.echo)
 
 
 def main() -> None:

@@ -190,12 +190,14 @@ def engine_settings(device: torch.device, *, compile_: bool | None = None, preci
 
 
 def engine_step_fn(method, split, device: torch.device, *, batch: int, settings: dict[str, Any],
-                   seed: int) -> Callable[[], None]:
+                   seed: int, fused_step: bool = True, reset: bool = True) -> Callable[[], None]:
+    """The engine's step: ``fused_step=False`` compiles the attack's forward but steps it eagerly (the fused step's
+    ablation); ``reset=False`` keeps dynamo's caches of an engine built before (see ``Method.compile``)."""
     from .loader import DeviceLoader
 
     loader = DeviceLoader(split, batch, device, seed=seed, drop_last=True)
     if settings["compile"]:
-        method.compile()
+        method.compile(reset=reset, fused_step=fused_step)
     state = {"it": iter(()), "epoch": 0}
     bf16, channels_last = settings["bf16"], settings["channels_last"]
 
@@ -398,7 +400,8 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
              attack_steps: int | None = None, compile_: bool | None = None, precision: str | None = None,
              channels_last: bool | None = None, workers: int | None = None,
              eval_n: int | None = None, aa_n: int | None = None, science: bool = False, out_dir: str | Path =
-             "results/perf", label: str | None = None, echo: Callable[[str], None] = print) -> Path:
+             "results/perf", label: str | None = None, ablate_fused_step: bool = False,
+             echo: Callable[[str], None] = print) -> Path:
     from methods import METHODS
 
     from .data import make_synthetic
@@ -415,6 +418,9 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
     steps = steps or (20 if gpu else 4)
     repeats = repeats or (3 if gpu else 5)
     eng = engine_settings(dev, compile_=compile_, precision=precision, channels_last=channels_last)
+    if ablate_fused_step and not eng["compile"]:
+        raise BenchError("bench perf: --ablate-fused-step times the compiled engine without its fused attack step; "
+                         "accepted only with compile on (--compile, or a device where it is the default)")
     workers = (4 if gpu else 0) if workers is None else workers
     eval_n = eval_n or (1024 if gpu else 128)
     aa_n = (256 if gpu else 16) if aa_n is None else aa_n
@@ -436,7 +442,8 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
                      "reference": {"precision": "fp32", "compile": False, "channels_last": False, "fused_sgd": False,
                                    "data": f"DataLoader, PIL + per-image transforms, {workers} workers",
                                    "item_every_step": True},
-                     "timing": "reference and engine interleaved, ABBA order; speedup = ratio of the medians"},
+                     "timing": "reference and engine interleaved, ABBA order; speedup = ratio of the medians",
+                     "ablate_fused_step": ablate_fused_step},
         "methods": {}}
     echo(f"  engine: {eng['precision']}, compile {eng['compile']}, channels_last {eng['channels_last']}, "
          f"fused SGD {eng['fused_sgd']}; reference: fp32, eager, DataLoader with {workers} workers")
@@ -445,14 +452,19 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
             method = _method(m, arch, 10, dev, batch=batch, attack_steps=attack_steps, channels_last=False, seed=0)
             return reference_step_fn(method, split, dev, batch=batch, workers=workers)
 
-        def engine(m=m):
+        def engine(m=m, fused_step=True):
             method = _method(m, arch, 10, dev, batch=batch, attack_steps=attack_steps,
                              channels_last=eng["channels_last"], seed=0, fused=eng["fused_sgd"])
-            return engine_step_fn(method, split, dev, batch=batch, settings=eng, seed=0)
+            # the ablation's engine is built second: it keeps the first one's compiled graphs alive
+            return engine_step_fn(method, split, dev, batch=batch, settings=eng, seed=0, fused_step=fused_step,
+                                  reset=fused_step)
 
-        row: dict[str, Any] = time_interleaved({"reference": reference, "engine": engine}, warmup=warmup, steps=steps,
-                                               repeats=repeats, device=dev, batch=batch)
-        for kind in ("reference", "engine"):
+        pipelines = {"reference": reference, "engine": engine}
+        if ablate_fused_step:
+            pipelines["engine_unfused"] = lambda m=m: engine(m, fused_step=False)
+        row: dict[str, Any] = time_interleaved(pipelines, warmup=warmup, steps=steps, repeats=repeats, device=dev,
+                                               batch=batch)
+        for kind in pipelines:
             t = row[kind]
             echo(f"  {m:<8} {kind:<9} {t['images_per_s']:9.1f} img/s  {t['sec_per_cifar10_epoch']:9.1f} s/epoch "
                  f"(CIFAR-10 size)  [{t['sec_per_step_min'] * 1e3:.1f}–{t['sec_per_step_max'] * 1e3:.1f} ms/step]")
@@ -460,6 +472,14 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
         per = [r / e for r, e in zip(row["reference"]["sec_per_step_all"], row["engine"]["sec_per_step_all"])]
         row["speedup_per_repeat"] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
         echo(f"  {m:<8} engine / reference {row['speedup']:.2f}× (per repeat {min(per):.2f}–{max(per):.2f}×)")
+        if ablate_fused_step:
+            unf, fus = row["engine_unfused"]["sec_per_step_all"], row["engine"]["sec_per_step_all"]
+            per_f = [u / f for u, f in zip(unf, fus)]
+            row["fused_step_speedup"] = row["engine_unfused"]["sec_per_step"] / row["engine"]["sec_per_step"]
+            row["fused_step_speedup_per_repeat"] = {"median": statistics.median(per_f), "min": min(per_f),
+                                                    "max": max(per_f)}
+            echo(f"  {m:<8} fused attack step: engine / engine without it {row['fused_step_speedup']:.2f}× "
+                 f"(per repeat {min(per_f):.2f}–{max(per_f):.2f}×)")
         if m == "pgd-at":
             method = _method(m, arch, 10, dev, batch=batch, attack_steps=attack_steps, channels_last=False, seed=0)
             flops = step_flops(method.model, split, dev, batch, method.hp["attack_steps"])
@@ -519,6 +539,14 @@ def summary_markdown(rec: dict[str, Any]) -> str:
                      f"{r['speedup']:.2f}×{_per_repeat(r)} | {eng['sec_per_cifar10_epoch']:.1f} | "
                      + (f"{max(ref['peak_mem_mb'], eng['peak_mem_mb'])} |" if cpu else
                         f"{ref['peak_mem_mb']} / {eng['peak_mem_mb']} |"))
+    abl = [(m, r) for m, r in sorted(rec["methods"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+           if "fused_step_speedup" in r]
+    if abl:
+        lines += ["", "Fused attack step (each eval-mode PGD step one compiled graph), timed in the same interleaved "
+                      "rounds against the same compiled engine stepping its attack eagerly: "
+                  + "; ".join(f"{m} {r['fused_step_speedup']:.2f}× (per repeat "
+                              f"{r['fused_step_speedup_per_repeat']['min']:.2f}–"
+                              f"{r['fused_step_speedup_per_repeat']['max']:.2f}×)" for m, r in abl)]
     pa = rec["methods"].get("pgd-at", {})
     if pa.get("achieved_flop_s"):
         frac = pa.get("fraction_of_peak")

@@ -148,7 +148,7 @@ class Method:
         return torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"],
                                nesterov=hp["nesterov"], fused=self.fused or None)
 
-    def compile(self) -> None:
+    def compile(self, *, reset: bool = True, fused_step: bool = True) -> None:
         """``torch.compile`` the two forwards: the training forward ``self.net`` and the attacks' forward
         ``self.attack_net`` (:class:`bench.attacks.CompiledAttackForward`: the forward on :class:`ParamsDetached`,
         and each eval-mode PGD step fused into one compiled graph). Called by the engine with ``compile = true``
@@ -160,12 +160,15 @@ class Method:
         one after another (``bench run`` of several methods, ``bench perf``) add up recompilations of the same
         ``forward`` until dynamo's recompile limit (8), beyond which it runs that forward eagerly with only a warning
         (seen when timing five compiled engines of four methods in one process). A process trains one method at a
-        time; the previous method's graphs are dead."""
+        time; the previous method's graphs are dead. ``reset=False`` keeps them: ``bench perf`` builds a second
+        compiled engine beside a live one (``fused_step=False``: the compiled forward with eager PGD steps, the
+        fused step's ablation)."""
         import torch._dynamo
 
-        torch._dynamo.reset()
+        if reset:
+            torch._dynamo.reset()
         self.net = torch.compile(self.model)
-        self.attack_net = CompiledAttackForward(self.model)
+        self.attack_net = CompiledAttackForward(self.model, fused=fused_step)
 
     # -- schedule -----------------------------------------------------------------------------------------------
     def lr_at(self, epoch: int, step: int) -> float:

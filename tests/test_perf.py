@@ -64,3 +64,29 @@ def test_the_precision_check_trains_fp32_and_bf16_side_by_side(tmp_path):
                         "reference": {}}, "methods": {}, "precision_check": res}
     md = summary_markdown(rec)
     assert "Precision check" in md and "Compiled (bf16 + torch.compile" in md
+
+
+@pytest.mark.slow
+def test_the_fused_step_ablation_times_a_third_pipeline_side_by_side(tmp_path):
+    """--ablate-fused-step: the compiled engine without its fused PGD step, in the same interleaved rounds; the
+    ratio unfused / fused per method and in the summary."""
+    path = run_perf(device="cpu", arch="smallcnn", methods=("pgd-at",), batch=8, steps=1, repeats=2, warmup=1,
+                    attack_steps=2, eval_n=8, aa_n=0, compile_=True, precision="fp32", out_dir=tmp_path,
+                    ablate_fused_step=True, echo=lambda s: None)
+    rec = json.loads(path.read_text())
+    r = rec["methods"]["pgd-at"]
+    assert rec["settings"]["ablate_fused_step"] is True
+    assert r["engine_unfused"]["repeats"] == 2 and len(r["engine_unfused"]["sec_per_step_all"]) == 2
+    assert r["fused_step_speedup"] == pytest.approx(r["engine_unfused"]["sec_per_step"] / r["engine"]["sec_per_step"])
+    pr = r["fused_step_speedup_per_repeat"]
+    assert pr["min"] <= pr["median"] <= pr["max"]
+    assert "Fused attack step" in path.with_suffix(".md").read_text()
+
+
+def test_the_fused_step_ablation_needs_the_compiled_engine(tmp_path):
+    from bench.errors import BenchError
+
+    with pytest.raises(BenchError, match="ablate-fused-step.*compile"):
+        run_perf(device="cpu", methods=("natural",), compile_=False, ablate_fused_step=True, out_dir=tmp_path,
+                 echo=lambda s: None)
+    assert not list(tmp_path.iterdir())  # refused before anything was timed or written

@@ -187,6 +187,23 @@ def test_method_compile_resets_dynamo_first(tiny_model, monkeypatch):
     assert calls == ["reset", "SmallCNN", "ParamsDetached", "method"]  # the last: the fused PGD step
 
 
+def test_compile_without_reset_or_fused_step_for_the_ablation(tiny_model, monkeypatch):
+    """``bench perf --ablate-fused-step`` builds its second engine with ``compile(reset=False, fused_step=False)``:
+    the first engine's graphs stay, and the attack steps through the compiled forward with eager steps."""
+    import torch._dynamo
+
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch, "compile", lambda mod: mod)
+    m = get_method("pgd-at")(get_method("pgd-at").resolved_defaults(), tiny_model.eval())
+    m.compile(reset=False, fused_step=False)
+    assert calls == [] and m.attack_net.fused is False
+    x, y = _xy(4)
+    assert m.attack_net.fused_sign_step(x, x, y, F.cross_entropy, 0.01, 0.03) is None  # never fused
+    m.compile()
+    assert calls == ["reset"] and m.attack_net.fused is True
+
+
 def test_afd_compiles_its_disentangled_model_for_both_forwards(tiny_model, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda mod: mod)
     cls = get_method("afd")
