@@ -2,7 +2,8 @@
 # The GPU measurements of `bench perf` and of AutoAttack's time (issue 8), as one prepared command per stage for a
 # session lent a device machine. Here first: scripts/make-carry.sh (builds the git-ignored .carry/). Then, with the
 # device tool, `carry: [".carry"]`, one stage per call (each well inside a call's 10 minutes on an H200):
-#   scripts/device-check.sh perf      bench perf at the GPU sizes (ResNet-18, batch 128)      -> $OUT/perf/
+#   scripts/device-check.sh perf      bench perf at the GPU sizes (ResNet-18, batch 128), with the fused attack
+#                                     step's ablation beside (unless ABLATE=0)                -> $OUT/perf/
 #   scripts/device-check.sh science   the same with --science (PGD-AT fp32 / bf16 / compiled) -> $OUT/perf/
 #   scripts/device-check.sh aa        PGD-AT ResNet-18 on CIFAR-10 for $EPOCHS epochs (bf16, compile, channels_last),
 #                                     then clean, PGD-20 and AutoAttack on $AA_N test images  -> $OUT/aa/
@@ -36,6 +37,7 @@ DEVICE=${DEVICE:-auto}
 case $stage in
 perf|science)
     extra=""; [ "$stage" = science ] && extra="--science"
+    [ "$stage" = perf ] && [ "${ABLATE:-1}" != 0 ] && extra="--ablate-fused-step"
     # shellcheck disable=SC2086
     $PY -m bench perf --device "$DEVICE" --out "$OUT/perf" $extra ${PERF_ARGS:-} 2>&1 | tee "$OUT/perf.log"
     exit "${PIPESTATUS[0]}" ;;
