@@ -81,9 +81,10 @@ class Disentangled(nn.Module):
         """Eval forward ω·D₁·g(x): what the attack targets and what folding reproduces."""
         return self.base.fc(self.f1(x))
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Training forward: (h, f₁, f₂, z₁, z₂) with f₂ = D₂·sg(h)."""
-        h = self.base.features(x)
+    def heads(self, x: torch.Tensor, features=None) -> tuple[torch.Tensor, ...]:
+        """Training forward: (h, f₁, f₂, z₁, z₂) with f₂ = D₂·sg(h); ``features`` computes h = g(x) in place of
+        ``base.features`` (the compiled backbone, ``AFD.compile``)."""
+        h = (features if features is not None else self.base.features)(x)
         f1 = self.d1(h)
         f2 = self.d2(h.detach())
         return h, f1, f2, self.base.fc(f1), self.base.fc(f2)
@@ -152,15 +153,24 @@ class AFD(Method):
         self.theta2 = [self.model.d2.weight]
         self.theta1 = [p for p in self.model.parameters() if p is not self.model.d2.weight]
         self.omega = self.model.omega()
+        self.backbone = None  # g for the training forward heads(); compiled by compile(), else base.features
         self.o1 = self.sgd(self.theta2)
         self.o2 = self.sgd(self.theta1)
         self.o = self.sgd(self.theta1)
         self.optimizers = [self.o1, self.o2, self.o]
 
+    def compile(self, *, reset: bool = True, fused_step: bool = True) -> None:
+        """As every method, and the backbone g of the training forward ``heads()`` (AFD's gradients come from
+        ``heads()``, not from ``self.net``). g alone, not ``heads()`` whole: a compiled graph's backward computes the
+        gradient of all its inputs, so a compiled ``heads()`` would run g's backward for G₁ too, which reaches only D₂
+        and ω through sg(h); with g compiled alone autograd still prunes it there (G₂ and G₃ run it, as eagerly)."""
+        super().compile(reset=reset, fused_step=fused_step)
+        self.backbone = torch.compile(self.model.base.features)
+
     def losses(self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            t = self.teacher.features(x)
-        _, f1, f2, z1, z2 = self.model.heads(x_adv)
+            t = self.teacher_net(x)
+        _, f1, f2, z1, z2 = self.model.heads(x_adv, features=self.backbone)
         y_conf = confusing_label(z1, y)
         l1 = F.cross_entropy(z2, y_conf)
         l2 = F.cosine_similarity(f1, f2.detach(), dim=1).mean()

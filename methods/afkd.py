@@ -33,7 +33,7 @@ class AFKD(VAFT):
 
     def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.teacher.features(x)
+            return self.teacher_net(x)
 
     def fine_tune(self, x_in: torch.Tensor, x_clean: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One SGD step on CE(f(x_in)) + w·D_ang(g_F(x_in), sg g_P(x_clean)); student in train mode."""

@@ -31,7 +31,7 @@ class ARREST(AFKD):
     def representation_shift(self, x: torch.Tensor) -> torch.Tensor:
         """Batch-mean angular distance between teacher and (eval-mode) student features of the clean batch."""
         with torch.no_grad(), bn_mode(self.model, "eval"):
-            return 1.0 - F.cosine_similarity(self.teacher.features(x), self.model.features(x), dim=1).mean()
+            return 1.0 - F.cosine_similarity(self.teacher_net(x), self.model.features(x), dim=1).mean()
 
     def replays(self, x: torch.Tensor, epoch: int) -> tuple[bool, torch.Tensor | None]:
         """(replay this batch?, the angular distance if it was measured). ``epoch`` is 0-based.

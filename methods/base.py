@@ -133,6 +133,8 @@ class Method:
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
+        # the frozen teacher's features g_P (AFKD, ARREST, AFD: under no_grad, eval mode); compiled at most
+        self.teacher_net: Callable[[torch.Tensor], torch.Tensor] | None = getattr(teacher, "features", None)
         self.steps_per_epoch = steps_per_epoch
         self.optimizers: list[torch.optim.Optimizer] = []
         self.setup()
@@ -149,9 +151,10 @@ class Method:
                                nesterov=hp["nesterov"], fused=self.fused or None)
 
     def compile(self, *, reset: bool = True, fused_step: bool = True) -> None:
-        """``torch.compile`` the two forwards: the training forward ``self.net`` and the attacks' forward
+        """``torch.compile`` the forwards: the training forward ``self.net``, the attacks' forward
         ``self.attack_net`` (:class:`bench.attacks.CompiledAttackForward`: the forward on :class:`ParamsDetached`,
-        and each eval-mode PGD step fused into one compiled graph). Called by the engine with ``compile = true``
+        and each eval-mode PGD step fused into one compiled graph) and the teacher's features ``self.teacher_net``.
+        Called by the engine with ``compile = true``
         once the method is built; under data parallelism the engine compiles the DDP-wrapped training forward in
         place of ``self.net``.
 
@@ -169,6 +172,8 @@ class Method:
             torch._dynamo.reset()
         self.net = torch.compile(self.model)
         self.attack_net = CompiledAttackForward(self.model, fused=fused_step)
+        if self.teacher_net is not None:
+            self.teacher_net = torch.compile(self.teacher.features)
 
     # -- schedule -----------------------------------------------------------------------------------------------
     def lr_at(self, epoch: int, step: int) -> float:

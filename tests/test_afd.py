@@ -70,8 +70,14 @@ def _named_grads(loss, model):
     return {n: g for n, g in zip(names, gs) if g is not None and g.abs().sum() > 0}
 
 
-def test_which_parameters_each_loss_reaches():
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_which_parameters_each_loss_reaches(compiled):
+    """Also with the engine's compiled backbone (``AFD.compile``): the detach of h before D₂ stays outside the
+    compiled graph, so L1 still reaches D₂ and ω only."""
     m, _ = _method()
+    if compiled:
+        m.compile()
+        assert m.backbone is not None
     b = _batch()
     m.model.train()
     L = m.losses(b.x, b.x, b.y)
