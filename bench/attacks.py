@@ -7,8 +7,8 @@ Every attack takes ``bn``: the BatchNorm mode it runs the model in —
 * ``"keep"``: whatever mode the model is in.
 
 and restores every module's own ``training`` flag afterwards, whatever happens inside. Results lie in [0, 1] and in
-the ε-ball around ``x``. Gradients are taken with ``torch.autograd.grad`` w.r.t. the input only, so no parameter's
-``.grad`` is touched.
+the ε-ball around ``x``. Gradients are taken w.r.t. the input only (``torch.autograd.grad``, or ``torch.func.grad``
+in the fused step below), so no parameter's ``.grad`` is touched.
 
 One PGD step is :func:`sign_step`. When the attacked forward is the engine's compiled one
 (:class:`CompiledAttackForward`) and no module of the model is in train mode, the step is a single compiled graph:

@@ -133,11 +133,12 @@ class Method:
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-        # the frozen teacher's features g_P (AFKD, ARREST, AFD: under no_grad, eval mode); compiled at most
-        self.teacher_net: Callable[[torch.Tensor], torch.Tensor] | None = getattr(teacher, "features", None)
         self.steps_per_epoch = steps_per_epoch
         self.optimizers: list[torch.optim.Optimizer] = []
         self.setup()
+        # the frozen teacher's features g_P (AFKD, ARREST, AFD: under no_grad, eval mode); compiled at most. Taken
+        # after setup(), which may make the teacher (RiFT's θ_AT)
+        self.teacher_net: Callable[[torch.Tensor], torch.Tensor] | None = getattr(self.teacher, "features", None)
 
     # -- construction -------------------------------------------------------------------------------------------
     def setup(self) -> None:

@@ -2,13 +2,15 @@
 # The GPU measurements of `bench perf` and of AutoAttack's time (issue 8), as one prepared command per stage for a
 # session lent a device machine. Here first: scripts/make-carry.sh (builds the git-ignored .carry/). Then, with the
 # device tool, `carry: [".carry"]`, one stage per call (each well inside a call's 10 minutes on an H200):
-#   scripts/device-check.sh perf      bench perf at the GPU sizes (ResNet-18, batch 128), with the fused attack
-#                                     step's ablation beside (unless ABLATE=0)                -> $OUT/perf/
+#   scripts/device-check.sh perf      bench perf at the GPU sizes (ResNet-18, batch 128); ABLATE=1 adds the fused
+#                                     attack step's ablation (a third pipeline: more minutes)  -> $OUT/perf/
 #   scripts/device-check.sh science   the same with --science (PGD-AT fp32 / bf16 / compiled) -> $OUT/perf/
 #   scripts/device-check.sh aa        PGD-AT ResNet-18 on CIFAR-10 for $EPOCHS epochs (bf16, compile, channels_last),
 #                                     then clean, PGD-20 and AutoAttack on $AA_N test images  -> $OUT/aa/
 # The aa run lives in results/device-check/ (git-ignored): on a machine still warm from the last call it resumes
-# (training from its checkpoint, AutoAttack from its finished chunks); a fresh machine starts it again.
+# (training from its checkpoint, AutoAttack from its finished chunks); a fresh machine starts it again. `bench perf`
+# writes its record at the end only: where a stage might outlast the call, split it (PERF_ARGS="-m natural,pgd-at",
+# then "-m trades,afd" with --label).
 # Environment (defaults for the GPU; a CPU dry run sets smaller ones): DEVICE (auto), ARCH (resnet18), EPOCHS (10),
 # EVAL_N (10000), AA_N (2000), PERF_ARGS (extra `bench perf` options), PYTHON (python3). CPU dry runs (minutes):
 #   OUT=/tmp/dc DEVICE=cpu ARCH=smallcnn EPOCHS=1 SUBSET=10 EVAL_N=32 AA_N=8 PYTHON=.venv/bin/python \
@@ -18,10 +20,10 @@
 set -uo pipefail
 stage=${1:-}
 case $stage in perf|science|aa) ;; *) echo "usage: scripts/device-check.sh perf|science|aa (got '${stage}')" >&2; exit 2;; esac
-cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/device-check-out}
+OUT=$(realpath -m "${OUT:-/tmp/device-check-out}")  # before the cd: a relative OUT is the caller's
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
+mkdir -p "$OUT" || exit 1
 export PYTHONUNBUFFERED=1
 if ! $PY -c "import pyautoattack" 2>/dev/null; then
     [ -d .carry/wheels ] || { echo "no .carry/wheels: run scripts/make-carry.sh here and carry .carry" >&2; exit 2; }
@@ -37,7 +39,7 @@ DEVICE=${DEVICE:-auto}
 case $stage in
 perf|science)
     extra=""; [ "$stage" = science ] && extra="--science"
-    [ "$stage" = perf ] && [ "${ABLATE:-1}" != 0 ] && extra="--ablate-fused-step"
+    [ "$stage" = perf ] && [ "${ABLATE:-0}" = 1 ] && extra="--ablate-fused-step"
     # shellcheck disable=SC2086
     $PY -m bench perf --device "$DEVICE" --out "$OUT/perf" $extra ${PERF_ARGS:-} 2>&1 | tee "$OUT/perf.log"
     exit "${PIPESTATUS[0]}" ;;
@@ -48,9 +50,11 @@ aa)
         --attacks clean,pgd20,aa --eval-n "${EVAL_N:-10000}" --aa-n "${AA_N:-2000}" --device "$DEVICE" \
         --results "$res" -q 2>&1 | tee "$OUT/aa.log"
     rc=${PIPESTATUS[0]}
-    mkdir -p "$OUT/aa"
-    for run in "$res"/runs/*/; do
-        for f in config.json metrics.jsonl eval.json; do [ -f "$run$f" ] && cp "$run$f" "$OUT/aa/"; done
+    for run in "$res"/runs/*/; do  # $OUT/aa/<run>/<file>: two folders down, as the device tool brings back
+        [ -d "$run" ] || continue
+        dst="$OUT/aa/$(basename "$run")"
+        mkdir -p "$dst" || exit 1
+        for f in config.json metrics.jsonl eval.json; do [ -f "$run$f" ] && cp "$run$f" "$dst/"; done
     done
     exit "$rc" ;;
 esac

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 C=.carry
+rm -rf "$C/wheels"  # one version of each wheel: the GPU side installs .carry/wheels/*.whl
 mkdir -p "$C/wheels"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -15,5 +16,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux2014_x86_64 -d "$tmp" "pyautoattack==0.2.0"
 whl=$(ls "$tmp"/pyautoattack-*.whl)
 python3 scripts/strip_wheel.py "$whl" "$C/wheels" examples
+rm -f "$C/cifar10-jpeg.tar.gz"  # the copy keeps the source's read-only mode
 cp ../shared/data/cifar10-jpeg.tar.gz "$C/"
 du -sh "$C"

@@ -67,9 +67,21 @@ def test_the_precision_check_trains_fp32_and_bf16_side_by_side(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_fused_step_ablation_times_a_third_pipeline_side_by_side(tmp_path):
+def test_the_fused_step_ablation_times_a_third_pipeline_side_by_side(tmp_path, monkeypatch):
     """--ablate-fused-step: the compiled engine without its fused PGD step, in the same interleaved rounds; the
-    ratio unfused / fused per method and in the summary."""
+    ratio unfused / fused per method and in the summary; the ablation's engine really steps unfused, and the engine
+    fused."""
+    from bench.attacks import CompiledAttackForward
+
+    calls = []
+    orig = CompiledAttackForward.fused_sign_step
+
+    def spy(self, *a):
+        out = orig(self, *a)
+        calls.append((self.fused, out is not None))
+        return out
+
+    monkeypatch.setattr(CompiledAttackForward, "fused_sign_step", spy)
     path = run_perf(device="cpu", arch="smallcnn", methods=("pgd-at",), batch=8, steps=1, repeats=2, warmup=1,
                     attack_steps=2, eval_n=8, aa_n=0, compile_=True, precision="fp32", out_dir=tmp_path,
                     ablate_fused_step=True, echo=lambda s: None)
@@ -81,6 +93,7 @@ def test_the_fused_step_ablation_times_a_third_pipeline_side_by_side(tmp_path):
     pr = r["fused_step_speedup_per_repeat"]
     assert pr["min"] <= pr["median"] <= pr["max"]
     assert "Fused attack step" in path.with_suffix(".md").read_text()
+    assert set(calls) == {(True, True), (False, False)}  # the engine fused every step; the ablation none
 
 
 def test_the_fused_step_ablation_needs_the_compiled_engine(tmp_path):

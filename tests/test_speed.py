@@ -89,6 +89,7 @@ def test_the_fused_pgd_step_is_the_eager_step(tiny_model, loss):
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
     loss_fn, target = (F.cross_entropy, y) if loss == "ce" else (kl_sum, _kl_target(model, x))
     buffers = [b.clone() for b in model.buffers()]
+    torch._dynamo.reset()  # each CompiledAttackForward is a cache entry of one code object: stay under its limit
     caf = CompiledAttackForward(model)
     explained = torch._dynamo.explain(caf._sign_step)(x_adv, x, target, loss_fn, 2 / 255, 8 / 255)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
@@ -111,7 +112,11 @@ def test_the_attacks_take_the_fused_step_in_eval_mode_only(tiny_model):
     """PGD (bn="eval") and TRADES' attack step through the fused graph, every step; a train-mode attack (bn="train",
     Free-AT / FGSM-RS) does not (``torch.func.grad`` cannot update BN buffers): it steps through the compiled
     forward and updates the running statistics as the eager model does."""
+    import torch._dynamo
+
     from methods.trades import trades_attack
+
+    torch._dynamo.reset()  # every CompiledAttackForward is a cache entry of one code object: stay under its limit
 
     model = tiny_model
     caf = CompiledAttackForward(model)
@@ -139,23 +144,41 @@ def test_the_attacks_take_the_fused_step_in_eval_mode_only(tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,tol", [("pgd-at", 3e-2), ("afd", 3e-2), ("afkd", 3e-2), ("arrest", 3e-2),
-                                      ("trades", 1e-1)])
-def test_a_compiled_method_steps_as_the_eager_one(tiny_model, name, tol):
+@pytest.mark.parametrize("name", ["pgd-at", "afd", "afkd", "arrest", "trades"])
+def test_a_compiled_method_steps_as_the_eager_one(tiny_model, name):
     """One training step of the compiled method (its forwards compiled, the attack's steps fused; AFD's backbone and
-    the AFT teachers' features too) moves the weights as the eager method does, up to fp32 rounding — in norm:
-    measured 0.16 % (PGD-AT), 2e-6 (AFD), 0.56 % (AFKD, ARREST), 2.4 % (TRADES) on a 2-core Xeon; a wrong loss or a
-    missing detach moves it by far more. TRADES' attack starts 0.001·N(0, I) from x, where an untrained
-    model's KL gradient is ~1e-8 and its sign largely rounding: there eager fp32, compiled fp32 and the fused step
-    each end ~78 % of their pixels away from an fp64 attack alike, and the fused attack must be as strong as the
-    eager one (its KL within 10 %) rather than equal."""
+    the AFT teachers' features too) moves the weights as the eager method does, up to fp32 rounding, in norm:
+    measured 0.16 % (PGD-AT), 2e-6 (AFD), 0.56 % (AFKD, ARREST), 4e-6 (TRADES, given the same x′) on a 2-core
+    Xeon, where their attacks agreed pixel for pixel. TRADES is compared in two parts: its attack (a KL ascent
+    whose gradient near x is so small on an untrained model that rounding decides signs, so the model's logits are
+    scaled ×10 and the start is 0.03·N(0, I)) and, given one and the same x′, its update (three compiled train-mode
+    forwards)."""
     cls = get_method(name)
+    hp = cls.resolved_defaults()
+    if name == "trades":
+        hp["init_std"] = 0.03
+        with torch.no_grad():
+            tiny_model.fc.weight.mul_(10)
     teacher = copy.deepcopy(tiny_model) if cls.starts_from != "scratch" else None
-    eager = cls(cls.resolved_defaults(), copy.deepcopy(tiny_model), copy.deepcopy(teacher))
-    comp = cls(cls.resolved_defaults(), copy.deepcopy(tiny_model), copy.deepcopy(teacher))
+    eager = cls(hp, copy.deepcopy(tiny_model), copy.deepcopy(teacher))
+    comp = cls(hp, copy.deepcopy(tiny_model), copy.deepcopy(teacher))
     comp.compile()
     start = [p.detach().clone() for p in eager.model.parameters()]
     x, y = _xy(16)
+    if name == "trades":
+        from methods.trades import kl_sum
+
+        adv = []
+        for m in (eager, comp):
+            torch.manual_seed(1)
+            adv.append(m.attack(x))
+        assert (adv[0] != adv[1]).float().mean() <= 0.05  # measured: 0 of 49 152 pixels differ
+        with torch.no_grad():
+            eager.model.eval()
+            kl = [float(kl_sum(eager.model(a), eager.model(x))) for a in adv]
+        assert kl[0] > 0 and kl[1] == pytest.approx(kl[0], rel=0.02)
+        for m in (eager, comp):
+            m.attack = lambda _x, xa=adv[0]: xa  # the update's comparison: the same x′ for both
     for m in (eager, comp):
         torch.manual_seed(1)
         m.train_step(Batch(x, y, torch.arange(16)), 0, 0)
@@ -163,32 +186,11 @@ def test_a_compiled_method_steps_as_the_eager_one(tiny_model, name, tol):
     d_c = torch.cat([(p.detach() - s).flatten() for p, s in zip(comp.model.parameters(), start)])
     assert d_e.abs().max() > 1e-4
     # in norm: a pre-activation within rounding of a ReLU's kink flips its mask between the two, which moves a few
-    # gradient entries of the layers below by a visible amount (seen: BN biases of AFKD's early layers)
-    assert (d_c - d_e).norm() <= tol * d_e.norm()
+    # gradient entries of the layers below by a visible amount (seen: BN biases of AFKD's early layers, 1 % of the
+    # largest entry); a wrong loss moves the update by far more
+    assert (d_c - d_e).norm() <= 3e-2 * d_e.norm()
     for a, b in zip(eager.model.buffers(), comp.model.buffers()):
-        torch.testing.assert_close(a, b, rtol=tol, atol=1e-5)
-    if name == "trades":
-        from methods.trades import kl_sum
-
-        strength = []
-        for m in (eager, comp):
-            torch.manual_seed(2)
-            x_adv = m.attack(x)
-            with torch.no_grad():
-                m.model.eval()
-                strength.append(float(kl_sum(m.model(x_adv), m.model(x))))
-        assert strength[0] > 0 and strength[1] == pytest.approx(strength[0], rel=0.1)
-
-
-def test_method_compile_resets_dynamo_first(tiny_model, monkeypatch):
-    import torch._dynamo
-
-    calls = []
-    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
-    monkeypatch.setattr(torch, "compile", lambda mod: calls.append(type(mod).__name__) or mod)
-    m = get_method("natural")(get_method("natural").resolved_defaults(), tiny_model)
-    m.compile()
-    assert calls == ["reset", "SmallCNN", "ParamsDetached", "method"]  # the last: the fused PGD step
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=1e-5)
 
 
 def test_compile_without_reset_or_fused_step_for_the_ablation(tiny_model, monkeypatch):
@@ -209,7 +211,8 @@ def test_compile_without_reset_or_fused_step_for_the_ablation(tiny_model, monkey
 
 
 def test_afd_compiles_its_disentangled_model_for_both_forwards(tiny_model, monkeypatch):
-    monkeypatch.setattr(torch, "compile", lambda mod: mod)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda mod: compiled.append(mod) or mod)
     cls = get_method("afd")
     m = cls(cls.resolved_defaults(), tiny_model, copy.deepcopy(tiny_model))
     m.compile()
@@ -217,6 +220,7 @@ def test_afd_compiles_its_disentangled_model_for_both_forwards(tiny_model, monke
     assert isinstance(m.attack_net, CompiledAttackForward) and m.attack_net.detached.module is m.model
     # what AFD's step runs: the backbone of heads() and the teacher's features, each compiled (identity here)
     assert m.backbone == m.model.base.features and m.teacher_net == m.teacher.features
+    assert m.model.base.features in compiled and m.teacher.features in compiled
     eager = cls(cls.resolved_defaults(), copy.deepcopy(tiny_model), copy.deepcopy(tiny_model))
     assert eager.backbone is None and eager.teacher_net == eager.teacher.features  # not compiled: the modules'
 
