@@ -468,18 +468,13 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
             t = row[kind]
             echo(f"  {m:<8} {kind:<9} {t['images_per_s']:9.1f} img/s  {t['sec_per_cifar10_epoch']:9.1f} s/epoch "
                  f"(CIFAR-10 size)  [{t['sec_per_step_min'] * 1e3:.1f}–{t['sec_per_step_max'] * 1e3:.1f} ms/step]")
-        row["speedup"] = row["reference"]["sec_per_step"] / row["engine"]["sec_per_step"]
-        per = [r / e for r, e in zip(row["reference"]["sec_per_step_all"], row["engine"]["sec_per_step_all"])]
-        row["speedup_per_repeat"] = {"median": statistics.median(per), "min": min(per), "max": max(per)}
-        echo(f"  {m:<8} engine / reference {row['speedup']:.2f}× (per repeat {min(per):.2f}–{max(per):.2f}×)")
+        row["speedup"], row["speedup_per_repeat"] = _speedup(row["reference"], row["engine"])
+        echo(f"  {m:<8} engine / reference {row['speedup']:.2f}×{_per_repeat(row['speedup_per_repeat'])}")
         if ablate_fused_step:
-            unf, fus = row["engine_unfused"]["sec_per_step_all"], row["engine"]["sec_per_step_all"]
-            per_f = [u / f for u, f in zip(unf, fus)]
-            row["fused_step_speedup"] = row["engine_unfused"]["sec_per_step"] / row["engine"]["sec_per_step"]
-            row["fused_step_speedup_per_repeat"] = {"median": statistics.median(per_f), "min": min(per_f),
-                                                    "max": max(per_f)}
-            echo(f"  {m:<8} fused attack step: engine / engine without it {row['fused_step_speedup']:.2f}× "
-                 f"(per repeat {min(per_f):.2f}–{max(per_f):.2f}×)")
+            row["fused_step_speedup"], row["fused_step_speedup_per_repeat"] = _speedup(row["engine_unfused"],
+                                                                                       row["engine"])
+            echo(f"  {m:<8} fused attack step: engine / engine without it {row['fused_step_speedup']:.2f}×"
+                 f"{_per_repeat(row['fused_step_speedup_per_repeat'])}")
         if m == "pgd-at":
             method = _method(m, arch, 10, dev, batch=batch, attack_steps=attack_steps, channels_last=False, seed=0)
             flops = step_flops(method.model, split, dev, batch, method.hp["attack_steps"])
@@ -513,9 +508,16 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
     return stem.with_suffix(".json")
 
 
-def _per_repeat(row: dict[str, Any]) -> str:
-    pr = row.get("speedup_per_repeat")
-    return f" ({pr['min']:.2f}–{pr['max']:.2f}×)" if pr else ""
+def _speedup(slow: dict[str, Any], fast: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    """``slow`` / ``fast`` of two pipelines timed in the same rounds (:func:`time_interleaved`): the ratio of their
+    medians, and the median and range of the per-round ratios."""
+    per = [a / b for a, b in zip(slow["sec_per_step_all"], fast["sec_per_step_all"])]
+    return slow["sec_per_step"] / fast["sec_per_step"], {"median": statistics.median(per), "min": min(per),
+                                                         "max": max(per)}
+
+
+def _per_repeat(pr: dict[str, float] | None, prefix: str = "per repeat ") -> str:
+    return f" ({prefix}{pr['min']:.2f}–{pr['max']:.2f}×)" if pr else ""
 
 
 def summary_markdown(rec: dict[str, Any]) -> str:
@@ -531,22 +533,22 @@ def summary_markdown(rec: dict[str, Any]) -> str:
              f"epoch | {'peak RSS MB, whole process' if cpu else 'peak memory MB (ref / engine)'} |",
              "|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(PERF_METHODS)}  # the JSON's keys are sorted; the table keeps this order
-    for m, r in sorted(rec["methods"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
+    rows = sorted(rec["methods"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    for m, r in rows:
         ref, eng = r["reference"], r["engine"]
         lines.append(f"| {m} | {ref['images_per_s']:.1f} ({ref['sec_per_step_min'] * 1e3:.0f}–"
                      f"{ref['sec_per_step_max'] * 1e3:.0f} ms/step) | {eng['images_per_s']:.1f} "
                      f"({eng['sec_per_step_min'] * 1e3:.0f}–{eng['sec_per_step_max'] * 1e3:.0f} ms/step) | "
-                     f"{r['speedup']:.2f}×{_per_repeat(r)} | {eng['sec_per_cifar10_epoch']:.1f} | "
+                     f"{r['speedup']:.2f}×{_per_repeat(r.get('speedup_per_repeat'), '')} | "
+                     f"{eng['sec_per_cifar10_epoch']:.1f} | "
                      + (f"{max(ref['peak_mem_mb'], eng['peak_mem_mb'])} |" if cpu else
                         f"{ref['peak_mem_mb']} / {eng['peak_mem_mb']} |"))
-    abl = [(m, r) for m, r in sorted(rec["methods"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
-           if "fused_step_speedup" in r]
+    abl = [(m, r) for m, r in rows if "fused_step_speedup" in r]
     if abl:
         lines += ["", "Fused attack step (each eval-mode PGD step one compiled graph), timed in the same interleaved "
                       "rounds against the same compiled engine stepping its attack eagerly: "
-                  + "; ".join(f"{m} {r['fused_step_speedup']:.2f}× (per repeat "
-                              f"{r['fused_step_speedup_per_repeat']['min']:.2f}–"
-                              f"{r['fused_step_speedup_per_repeat']['max']:.2f}×)" for m, r in abl)]
+                  + "; ".join(f"{m} {r['fused_step_speedup']:.2f}×{_per_repeat(r['fused_step_speedup_per_repeat'])}"
+                              for m, r in abl)]
     pa = rec["methods"].get("pgd-at", {})
     if pa.get("achieved_flop_s"):
         frac = pa.get("fraction_of_peak")

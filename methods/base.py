@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from bench.attacks import ParamsDetached  # noqa: F401 (re-exported: the attacks' forward of a compiled method)
 from bench.attacks import CompiledAttackForward, pgd
 from bench.dist import seed_loss
 from bench.errors import BenchError
@@ -155,9 +154,8 @@ class Method:
         """``torch.compile`` the forwards: the training forward ``self.net``, the attacks' forward
         ``self.attack_net`` (:class:`bench.attacks.CompiledAttackForward`: the forward on :class:`ParamsDetached`,
         and each eval-mode PGD step fused into one compiled graph) and the teacher's features ``self.teacher_net``.
-        Called by the engine with ``compile = true``
-        once the method is built; under data parallelism the engine compiles the DDP-wrapped training forward in
-        place of ``self.net``.
+        Called by the engine with ``compile = true`` once the method is built; under data parallelism the engine
+        compiles the DDP-wrapped training forward in place of ``self.net``.
 
         Dynamo's caches are reset first: its compiled code is kept per function (``forward``), not per model,
         guarded on the module's class, BN modes, autocast and the tensors' properties, so runs one process trains

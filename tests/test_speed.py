@@ -1,5 +1,5 @@
 """The engine's speed features change how fast, never what is computed: the compiled attack forward
-(:class:`methods.base.ParamsDetached`) and its fused PGD step (:class:`bench.attacks.CompiledAttackForward`), the
+(:class:`bench.attacks.ParamsDetached`) and its fused PGD step (:class:`bench.attacks.CompiledAttackForward`), the
 fused SGD, dynamo's reset per method, and the side-by-side timing of
 ``bench perf`` (no timing is asserted: only what is timed, in what order, and with which settings)."""
 import copy
@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.attacks import CompiledAttackForward, pgd, project, sign_step
+from bench.attacks import CompiledAttackForward, ParamsDetached, pgd, project, sign_step
 from bench.errors import BenchError
 from bench.loader import Batch
 from bench.perf import engine_settings, time_interleaved
 from methods import get_method
-from methods.base import ParamsDetached
 
 
 def _xy(n=8, seed=0):
@@ -21,10 +20,10 @@ def _xy(n=8, seed=0):
     return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def _input_grad(f, x, y):
+def _input_grad(f, x, y, loss_fn=F.cross_entropy):
     xi = x.clone().requires_grad_(True)
     logits = f(xi)
-    (g,) = torch.autograd.grad(F.cross_entropy(logits, y), xi)
+    (g,) = torch.autograd.grad(loss_fn(logits, y), xi)
     return logits.detach(), g
 
 
@@ -66,12 +65,6 @@ def test_the_compiled_attack_forward_carries_no_parameter_gradient(tiny_model):
     assert all(p.grad is None for p in m.model.parameters())
 
 
-def _eager_grad(model, x_adv, y, loss_fn):
-    xi = x_adv.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(loss_fn(model(xi), y), xi)
-    return g
-
-
 def _kl_target(model, x):
     with torch.no_grad():
         return model(x)
@@ -95,7 +88,7 @@ def test_the_fused_pgd_step_is_the_eager_step(tiny_model, loss):
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     fused = caf.fused_sign_step(x_adv, x, target, loss_fn, 2 / 255, 8 / 255)
     eager = sign_step(model, x_adv, x, target, step=2 / 255, eps=8 / 255, loss_fn=loss_fn)
-    g = _eager_grad(model, x_adv, target, loss_fn)
+    _, g = _input_grad(model, x_adv, target, loss_fn)
     # where fp32 rounding cannot flip the sign (near x the KL gradient is ~1e-8 at most, its smallest entries noise)
     clear = g.abs() > 1e-3 * g.abs().max()
     assert clear.float().mean() > 0.9
