@@ -32,6 +32,7 @@ from torch import nn
 from . import faults
 from .dist import per_example, seed_loss
 from .fsutil import atomic_write_json
+from .precision import wide
 
 if TYPE_CHECKING:
     from .dist import Dist
@@ -81,7 +82,7 @@ def uniform_noise(x: torch.Tensor, eps: float, generator: torch.Generator | None
 
 
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), y)
+    return F.cross_entropy(wide(logits), y)
 
 
 def input_grad(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = _ce,

@@ -111,7 +111,7 @@ def _run_options(sweep: bool = False):
                      help="AutoAttack runs and saves its progress in chunks of this many images (default 1000)."),
         click.option("--probe-n", type=int, help="Test images of the per-epoch feature-gap probe (0: off)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=str, help="Training precision: fp32 or bf16 (evaluation is always fp32)."),
+        click.option("--precision", type=str, help="Training precision: fp32, bf16 (autocast) or fp64 (a slow reference; evaluation is always fp32)."),
         click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format (GPU)."),
         click.option("--compile/--no-compile", "compile_", default=None,
                      help="torch.compile the training forward and the attacks' forward (parameters detached)."),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import BenchError, choice_error
+from .precision import PRECISIONS  # noqa: F401  (re-exported: fp32, bf16, fp64)
 
 try:  # Python ≥ 3.11
     import tomllib
@@ -28,7 +29,6 @@ except ModuleNotFoundError:  # pragma: no cover
 
 RUN_KEYS = {"methods", "dataset", "arch", "seeds", "subset", "eval_n", "aa_n", "probe_n", "attacks", "normalize",
             "precision", "eval_batch_size", "aa_chunk", "channels_last", "compile"}
-PRECISIONS = ("fp32", "bf16")
 # run settings a preset may also set per method ([method.natural] subset = 50: pre-train on more data)
 METHOD_RUN_KEYS = ("subset",)
 

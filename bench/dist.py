@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .errors import BenchError
+from .precision import wide
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,8 @@ class Dist:
         live = [g for g in grads if g is not None]
         if not live:
             return
-        flat = torch.cat([g.reshape(-1).float() for g in live])
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in live) else torch.float32
+        flat = torch.cat([wide(g.reshape(-1)).to(dtype) for g in live])  # fp64 gradients stay fp64
         dist.all_reduce(flat)
         i = 0
         for g in live:
@@ -437,7 +439,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         world, rank = dist.get_world_size(), dist.get_rank()
         c = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        xf = x.float()
+        xf = wide(x)
         n_local = x.numel() // c
         mean_l = xf.mean(dims) if n_local else xf.new_zeros(c)
         m2_l = ((xf - mean_l.view(1, c, *[1] * (x.dim() - 2))) ** 2).sum(dims) if n_local else xf.new_zeros(c)
@@ -470,11 +472,11 @@ def _swap_bn(module: nn.Module, match: Callable[[nn.Module], bool], make: Callab
     buffers, device and mode."""
     for name, child in list(module.named_children()):
         if match(child):
-            new = make(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            floats = [t for t in (*child.parameters(), *child.buffers()) if t.is_floating_point()]
+            place = dict(device=floats[0].device, dtype=floats[0].dtype) if floats else {}  # (fp64 stays fp64)
+            new = make(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+                       **place)
             new.load_state_dict(child.state_dict())
-            tensors = [*child.parameters(), *child.buffers()]
-            if tensors:
-                new = new.to(tensors[0].device)
             new.train(child.training)
             setattr(module, name, new)
         else:

@@ -36,6 +36,7 @@ from .dist import SINGLE, Dist, convert_sync_bn, rank_device, restore_bn
 from .errors import BenchError
 from .evaluate import device_name, evaluate, feature_gaps, finalize_checks
 from .loader import DeviceLoader, hash_seed
+from .precision import param_dtype
 from .models import create_model
 from .models.loading import load_weights
 from .records import RunDir
@@ -162,6 +163,7 @@ class Trainer:
         self.progress, self.echo = progress and dist.is_main, echo if dist.is_main else (lambda s: None)
         self.device = run_device(cfg, dist)
         self.method_cls = get_method(cfg.method)
+        self.dtype = param_dtype(cfg.precision)  # parameters, inputs and per-example state (fp64: float64)
         hp = cfg.hp
         train = dataset.train.per_class(cfg.subset) if cfg.subset else dataset.train
         held = int(cfg.holdout or hp.get("holdout_per_class", 0) or 0)
@@ -177,7 +179,7 @@ class Trainer:
         self.spec = spec
         self.loader = DeviceLoader(train, hp["batch_size"], self.device, seed=hash_seed(cfg.seed, 17),
                                    pad=spec.crop_pad, flip=spec.flip, augment=self.method_cls.loader_augment,
-                                   dist=dist)
+                                   dist=dist, dtype=self.dtype)
         self.train_split = train
         if dist.enabled:
             self._check_shards(len(train), hp["batch_size"])
@@ -193,9 +195,9 @@ class Trainer:
             teacher = copy.deepcopy(model)
         elif self.method_cls.starts_from != "scratch":
             raise BenchError(f"method {cfg.method} starts from a {self.method_cls.starts_from} model; none given")
-        model = model.to(self.device)
+        model = model.to(self.device, self.dtype)
         if teacher is not None:
-            teacher = teacher.to(self.device)
+            teacher = teacher.to(self.device, self.dtype)
         if dist.enabled and dist.sync_bn:
             convert_sync_bn(model)  # same parameters and buffers: the state dict is unchanged
         if cfg.channels_last:
@@ -208,7 +210,7 @@ class Trainer:
             self.method.compile()
         self.ema = EMA(trained, hp["ema"]["decay"], hp["ema"].get("warmup", True)) if hp.get("ema") else None
         probe = dataset.test.head(cfg.probe_n)
-        self.probe_x = probe.x.to(self.device).float().div_(255)
+        self.probe_x = probe.x.to(self.device).to(self.dtype).div_(255)
         self.probe_y = probe.y.to(self.device)
         self.metrics: list[dict[str, Any]] = []
         self.start_epoch = 0
@@ -477,6 +479,8 @@ def record_tsne(trainer: "Trainer", echo: Callable[[str], None] = print, n: int 
     from .fsutil import atomic_write_json
 
     module = trainer.evaluated_module()
+    if trainer.dtype != torch.float32:  # an evaluation: in fp32, as every other (a copy: training may go on)
+        module = copy.deepcopy(module).float()
     feats = trainer.method.tsne_features(module)
     path = trainer.run.path / "tsne.json"
     if not feats or path.exists() or not trainer.dist.is_main:

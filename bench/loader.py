@@ -77,7 +77,8 @@ class DeviceLoader:
 
     def __init__(self, split: Split, batch_size: int, device: torch.device | str = "cpu", *, shuffle: bool = True,
                  augment: bool = True, pad: int = 4, flip: bool = True, padding_mode: str = "constant",
-                 seed: int = 0, drop_last: bool = False, dist: "Dist | None" = None):
+                 seed: int = 0, drop_last: bool = False, dist: "Dist | None" = None,
+                 dtype: torch.dtype = torch.float32):
         from .dist import SINGLE
 
         self.dist = dist if dist is not None else SINGLE
@@ -94,6 +95,7 @@ class DeviceLoader:
         self.padding_mode = padding_mode
         self.seed = seed
         self.drop_last = drop_last
+        self.dtype = dtype  # of the batches' images (float64 for precision fp64)
 
     def __len__(self) -> int:
         n = self.y.shape[0]
@@ -121,7 +123,7 @@ class DeviceLoader:
                 xb = augment(xb, gen, self.pad, self.flip, self.padding_mode)
             if step < start_step:
                 continue  # the generator still advances, so later steps draw the same numbers
-            yield Batch(xb.float().div_(255), self.y[idx], idx)
+            yield Batch(xb.to(self.dtype).div_(255), self.y[idx], idx)
 
     def _sharded(self, order: torch.Tensor, gen: torch.Generator, start_step: int) -> Iterator[Batch]:
         """This rank's rows of every global batch: the epoch's shard is gathered on the host and copied to the
@@ -141,7 +143,7 @@ class DeviceLoader:
                 xb = augment(xb, gen, self.pad, self.flip, self.padding_mode, rows=s)
             if step < start_step:
                 continue
-            yield Batch(xb.float().div_(255), yb, ib, shard=s, global_idx=b.to(self.device))
+            yield Batch(xb.to(self.dtype).div_(255), yb, ib, shard=s, global_idx=b.to(self.device))
 
 
 def hash_seed(*parts: int) -> int:

@@ -44,6 +44,7 @@ from bench.attacks import input_grad
 from bench.dist import per_example
 from bench.errors import BenchError
 from bench.loader import window_index
+from bench.precision import wide
 
 from .base import Method, register_method
 
@@ -105,10 +106,11 @@ class ATAS(Method):
         c, h, w = self.info.get("shape", (3, 32, 32))
         self.pad = int(self.info.get("crop_pad", 4))
         self.flip = bool(self.info.get("flip", True))
-        dev = next(self.model.parameters()).device
-        self.delta = torch.empty(n, c, h + 2 * self.pad, w + 2 * self.pad, device=dev)
+        p = next(self.model.parameters())
+        dev = p.device
+        self.delta = torch.empty(n, c, h + 2 * self.pad, w + 2 * self.pad, device=dev, dtype=p.dtype)
         self.redraw()
-        self.gdnorm = torch.zeros(n, device=dev)
+        self.gdnorm = torch.zeros(n, device=dev, dtype=p.dtype)
         self.begin_epoch_stats()
 
     def redraw(self) -> None:
@@ -144,7 +146,7 @@ class ATAS(Method):
         hp = self.hp
         if epoch + 1 <= hp["warmup_epochs"]:
             return torch.full((g.shape[0],), float(hp["eps"]), device=g.device)
-        v = g.flatten(1).float().norm(dim=1).pow(2) * (1 - hp["beta_m"]) + self.gdnorm[idx] * hp["beta_m"]
+        v = wide(g.flatten(1)).norm(dim=1).pow(2) * (1 - hp["beta_m"]) + self.gdnorm[idx] * hp["beta_m"]
         self.gdnorm[idx if all_idx is None else all_idx] = self.dist.gather_rows(v)
         eta = hp["step_numerator"] / (1 + v.sqrt() / hp["c"])
         return eta.clamp(hp["min_step"], hp["max_step"])
@@ -170,7 +172,7 @@ class ATAS(Method):
             x_adv = torch.min(torch.max(x_adv, x_aug - eps), x_aug + eps).clamp_(0.0, 1.0)
         self.model.train()
         logits = self.net(x_adv)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(wide(logits), y)
         self.ce_step(self.optimizer, loss)
         with torch.no_grad():
             rows = self.delta[idx]

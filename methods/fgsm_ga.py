@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from bench.attacks import bn_mode, input_grad, uniform_noise
 from bench.dist import SINGLE, Dist, current_shard, seed_loss
 from bench.errors import BenchError
+from bench.precision import wide
 
 from .base import Method, register_method
 
@@ -43,7 +44,7 @@ def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor, dist: Dist = SINGLE) -> to
     *global* batch: the value returned is scaled so that the ranks' share-weighted sum (what the seeded losses add
     up to) is the single-process value, every rank takes the same branch, and every rank's ``g2`` stays in the
     graph (the double backward through synchronised BN is a collective)."""
-    a, b = g1.flatten(1).float(), g2.flatten(1).float()
+    a, b = wide(g1.flatten(1)), wide(g2.flatten(1))
     na, nb = a.norm(dim=1), b.norm(dim=1)
     keep = (na != 0) & (nb != 0)
     shard = current_shard()
@@ -91,7 +92,7 @@ class FGSMGA(Method):
     def grad2(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """g₂ at x + U(−ε, ε), with the graph kept (double backprop)."""
         eta = uniform_noise(x, self.hp["eps"]).requires_grad_(True)
-        loss = F.cross_entropy(self.net(x + eta).float(), y)
+        loss = F.cross_entropy(wide(self.net(x + eta)), y)
         (g,) = torch.autograd.grad(seed_loss(loss), eta, create_graph=True)
         return g
 
@@ -103,7 +104,7 @@ class FGSMGA(Method):
         delta = (self.hp["fgsm_alpha"] * eps * g1.sign()).clamp(-eps, eps)
         x_adv = (x + delta).clamp(0.0, 1.0).detach()
         logits = self.net(x_adv)
-        ce = F.cross_entropy(logits.float(), y)
+        ce = F.cross_entropy(wide(logits), y)
         reg = torch.zeros((), device=x.device)
         if self.lam != 0:
             reg = self.lam * gradalign_reg(g1, self.grad2(x, y), self.dist)

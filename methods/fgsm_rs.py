@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import fgsm, pgd
+from bench.precision import wide
 
 from .base import Method, register_method
 
@@ -66,7 +67,7 @@ class FGSMRS(Method):
         x_adv = self.attack(batch.x, batch.y)
         self.model.train()
         logits = self.net(x_adv)
-        loss = F.cross_entropy(logits.float(), batch.y)
+        loss = F.cross_entropy(wide(logits), batch.y)
         self.ce_step(self.optimizer, loss)
         return {"loss": loss.detach(), "correct_sum": (logits.argmax(1) == batch.y).sum()}
 

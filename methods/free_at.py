@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.dist import seed_loss
+from bench.precision import wide
 from bench.schedules import cyclic_factor
 
 from .base import Method, register_method
@@ -52,7 +53,7 @@ class FreeAT(Method):
         super().setup()
         c, h, w = self.info.get("shape", (3, 32, 32))
         p = next(self.model.parameters())
-        self.delta = torch.zeros(self.hp["batch_size"], c, h, w, device=p.device)
+        self.delta = torch.zeros(self.hp["batch_size"], c, h, w, device=p.device, dtype=p.dtype)
         self.replay_steps = 0  # optimiser steps taken so far (all replays of all mini-batches)
 
     def lr_for_replay(self, epoch: int, step: int, r: int) -> float:
@@ -80,7 +81,7 @@ class FreeAT(Method):
             self.set_lr(self.lr_for_replay(epoch, step, r))
             delta = self.delta[rows].clone().requires_grad_(True)
             logits = self.net((x + delta).clamp(0.0, 1.0))
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(wide(logits), y)
             self.optimizer.zero_grad(set_to_none=True)
             seed_loss(loss).backward()  # one backward: ∇θ into .grad, ∇δ into delta.grad
             with torch.no_grad():

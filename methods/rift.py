@@ -64,6 +64,7 @@ from bench.attacks import bn_mode, pgd
 from bench.data import Split
 from bench.errors import BenchError
 from bench.loader import hash_seed
+from bench.precision import wide
 
 from .base import Method, StageContext, register_method
 
@@ -106,7 +107,7 @@ def adversarial_set(model: nn.Module, split: Split, *, eps: float, step: float, 
                     device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """D_adv: PGD-``steps`` of ``model`` (eval mode) on ``split``, U(−ε, ε) start clipped to [0, 1] (torchattacks),
     from a generator seeded by ``seed``. Returns float images in [0, 1] and labels, on ``device``."""
-    x = split.x.to(device).float().div_(255)
+    x = split.x.to(device).to(next(model.parameters()).dtype).div_(255)  # fp32 (fp64 for precision fp64)
     y = split.y.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = [pgd(model, x[s], y[s], eps=eps, step=step, steps=steps, random_start=True, clip_start=True, bn="eval",
@@ -120,7 +121,7 @@ def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch:
     total, correct = 0.0, 0
     with bn_mode(model, "eval"):
         for s in _batches(len(y), batch):
-            logits = model(x[s]).float()
+            logits = wide(model(x[s]))
             total += float(F.cross_entropy(logits, y[s], reduction="sum"))
             correct += int((logits.argmax(1) == y[s]).sum())
     n = max(len(y), 1)
@@ -148,7 +149,7 @@ def ascend_module(model: nn.Module, name: str, x: torch.Tensor, y: torch.Tensor,
         for idx in _batches(len(y), batch, order):
             w.requires_grad_(True)
             with torch.enable_grad():
-                loss = F.cross_entropy(clone(x[idx]).float(), y[idx])
+                loss = F.cross_entropy(wide(clone(x[idx])), y[idx])
                 (g,) = torch.autograd.grad(loss, w)
             w.requires_grad_(False)
             with torch.no_grad():
@@ -379,7 +380,7 @@ class RiFT(Method):
         # the model is not changed until the curve is complete, so a resumed run finds θ_FT in its checkpoint
         theta_ft = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         work = copy.deepcopy(self.model).eval()
-        x = val.x.to(ctx.device).float().div_(255)
+        x = val.x.to(ctx.device).to(next(self.model.parameters()).dtype).div_(255)
         y = val.y.to(ctx.device)
         curve = self.stage["curve"]
         for k, alpha in enumerate(alpha_grid(hp["alpha_points"])):

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 
 from bench.attacks import bn_mode, sign_step
 from bench.dist import per_example, rows_like
+from bench.precision import wide
 
 from .base import Method, register_method
 
 
 def kl_sum(logits_adv: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """``KLDivLoss(reduction="sum")(log_softmax(f(x′)), softmax(f(x)))``: Σ_i KL(p(x_i) ‖ p(x′_i))."""
-    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(target_logits.float(), dim=1),
+    return F.kl_div(F.log_softmax(wide(logits_adv), dim=1), F.softmax(wide(target_logits), dim=1),
                     reduction="sum")
 
 
@@ -49,7 +50,7 @@ def trades_attack(model, x: torch.Tensor, *, eps: float, step: float, steps: int
 def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, logits_target: torch.Tensor, y: torch.Tensor,
                 beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total, natural CE, robust KL/B) of the official ``trades_loss``; nothing is detached."""
-    natural = F.cross_entropy(logits_nat.float(), y)
+    natural = F.cross_entropy(wide(logits_nat), y)
     robust = kl_sum(logits_adv, logits_target) / y.shape[0]
     return natural + beta * robust, natural, robust
 

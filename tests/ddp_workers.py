@@ -78,17 +78,19 @@ def bn_worker(d, out, total: int) -> dict:
             "bgrad": sbn.bias.grad, "running_mean": sbn.running_mean, "running_var": sbn.running_var}
 
 
-def step_setup(name: str, d, total: int):
-    """A smallcnn (sync BN under DDP), the method ``name`` on it, and a fixed batch of ``total`` random images."""
+def step_setup(name: str, d, total: int, dtype: torch.dtype = torch.float64):
+    """A smallcnn (sync BN under DDP), the method ``name`` on it, and a fixed batch of ``total`` random images, in
+    ``dtype``: float64 by default, so that a step on 2 ranks equals one process's to ~1e-15 on any CPU (in fp32
+    the sign of an attack's gradient turns a reduction order into a flipped pixel of δ, and the gap into chance)."""
     from bench.dist import convert_sync_bn
     from bench.loader import Batch
     from bench.models import create_model
     from methods import get_method
 
     torch.manual_seed(0)
-    model = create_model("smallcnn", 10)
+    model = create_model("smallcnn", 10).to(dtype)
     teacher = copy.deepcopy(model) if get_method(name).starts_from != "scratch" else None
-    x = torch.rand(total, 3, 32, 32)
+    x = torch.rand(total, 3, 32, 32).to(dtype)
     y = torch.randint(0, 10, (total,))
     if d.enabled:
         convert_sync_bn(model)

@@ -45,7 +45,7 @@ SMALL = ["--preset", "smoke", "--subset", "10", "--epochs", "1", "--attacks", "c
     (["--bogus"], r"No such option '--bogus'"),
     (["--device", "cuda"], r"--device cuda: no CUDA GPU is visible here; accepted: cpu or auto"),
     (["--device", "tpu"], r"unknown --device 'tpu'; accepted: auto, cpu, cuda, cuda:N"),
-    (["--precision", "fp8"], r"unknown precision 'fp8'; accepted: bf16, fp32"),
+    (["--precision", "fp8"], r"unknown precision 'fp8'; accepted: bf16, fp32, fp64"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], r"--data-dir /nonexistent/dir does not exist"),
     (["--set", "foo.eps=1"], r"unknown method in --set 'foo'"),
     # a method's own constraints are checked when the run is planned, before its starting model trains
