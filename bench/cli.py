@@ -381,6 +381,11 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
         DATASETS.get(dataset)
         MODELS.get(arch)
         ds = load_dataset(dataset, data_dir, download=download)
+        if run is not None and c.get("data") and ds.fingerprint != c["data"]:  # its eval.json is about its data
+            raise BenchError(f"the {dataset} data at {ds.source} (fingerprint {ds.fingerprint}) is not the data run "
+                             f"{path.name} trained on ({c['data']}); accepted: its own data (--data-dir "
+                             f"{c.get('data_dir') or 'as at training'}), or evaluate its weights file "
+                             f"{run.final_weights} on other data")
         model = create_model(arch, ds.num_classes, ds.channels)
         load_weights(model, weights, normalize=ds.stats() if normalize else None)
     state_dir = run.ckpt_dir / "eval-state" if run is not None else None

@@ -195,6 +195,9 @@ def validate_hp(method: str, hp: dict[str, Any], defaults: dict[str, Any]) -> No
             num(k)
         elif isinstance(d, bool) and not isinstance(v, bool):
             raise BenchError(f"{method}.{k} = {v!r}; accepted: true or false")
+    if "schedule" in hp:
+        from .schedules import check_schedule
+        check_schedule(hp["schedule"], f"{method}.schedule")
     if not isinstance(hp["epochs"], int) or hp["epochs"] <= 0:
         raise BenchError(f"{method}.epochs = {hp['epochs']!r}; accepted: a positive integer")
     if not isinstance(hp["batch_size"], int) or hp["batch_size"] <= 1:
@@ -304,6 +307,9 @@ class RunConfig:
     # under data parallelism without synchronised BatchNorm: the number of ranks whose batches BN normalises
     # separately (the trained weights depend on it); None whenever BN sees the whole global batch, as on one process
     bn_ranks: int | None = None
+    # the fingerprint of the decoded dataset (bench.data.Dataset.fingerprint): the data the run learns from and is
+    # evaluated on, by content. Set by every plan; None only in records older than it (they keep their hashes)
+    data: str | None = None
     # below: how to run, not what is run (not part of the run's identity)
     device: str = "cpu"
     channels_last: bool = False
@@ -316,7 +322,7 @@ class RunConfig:
 
     IDENTITY = ("method", "dataset", "arch", "seed", "hp", "subset", "normalize", "precision", "pretrained")
 
-    OPTIONAL_IDENTITY = ("holdout", "bn_ranks")  # in the identity only when set: older runs keep their hashes
+    OPTIONAL_IDENTITY = ("holdout", "bn_ranks", "data")  # in the identity only when set: older runs keep their hashes
 
     def identity(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.IDENTITY}

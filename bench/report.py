@@ -34,6 +34,8 @@ PAPER_ORDER = ["natural", "pgd-at", "trades", "free-at", "fgsm-rs", "fgsm-ga", "
                "arrest", "afd", "afd-literal", "vaft+d", "vaft+a"]
 PAPER_DATASETS = ["cifar10", "cifar100", "tinyimagenet"]
 ABLATION = ["vaft", "vaft+d", "vaft+a", "afd"]
+# the CPU tier (bench/configs/cpu.toml): its runs get a table of their own, never beside the paper's ResNet-18 rows
+TIER = "cpu"
 FIG1A_METHODS = ["vaft", "afkd", "arrest", "afd"]
 
 
@@ -456,6 +458,106 @@ def table5(groups: dict[str, Group], runs: list[Run]) -> tuple[Any, Any]:
     return pd.DataFrame(rows), pd.DataFrame(nums)
 
 
+def kendall_tau(xs: list[float], ys: list[float]) -> float | None:
+    """Kendall's τ-b of two equally long lists (ties in either count as neither concordant nor discordant, and
+    the denominator is corrected for them); None for fewer than two pairs that are untied in both."""
+    if len(xs) != len(ys):
+        raise ValueError("kendall_tau: lists of different lengths")
+    conc = disc = tx = ty = 0
+    for i in range(len(xs)):
+        for j in range(i + 1, len(xs)):
+            dx, dy = xs[i] - xs[j], ys[i] - ys[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tx += 1
+            elif dy == 0:
+                ty += 1
+            elif (dx > 0) == (dy > 0):
+                conc += 1
+            else:
+                disc += 1
+    denom = math.sqrt((conc + disc + tx) * (conc + disc + ty))
+    return None if denom == 0 else (conc - disc) / denom
+
+
+def _run_seconds(run: Run) -> float:
+    """Training plus evaluation seconds of one run (its records' own timings)."""
+    ev = ((run.eval or {}).get("results") or {})
+    return sum(run.seconds) + sum(float(r.get("seconds", 0.0)) for r in ev.values() if isinstance(r, dict))
+
+
+def tier_table(groups: dict[str, Group], runs: list[Run], preset: str = TIER) -> tuple[Any, Any, Any, Any]:
+    """The CPU tier: (display, numeric, τ display, τ numeric). One row per setting of the tier's runs (mean ±
+    sample std over seeds and their number), seconds per epoch and in total (with the pre-training, as Table 5
+    counts it) on the tier's device; then, per metric, Kendall's τ-b between the tier's ranking of the methods and
+    the paper's Table 1 (CIFAR-10, ResNet-18) ranking, over the methods both have."""
+    import pandas as pd
+
+    paper = _paper()
+    by_name = {r.name: r for r in runs}
+    gs = [g for g in groups.values() if g.first.config.get("preset") == preset]
+    order = method_order(sorted({g.first.method for g in gs}))
+    gs.sort(key=lambda g: (order.index(g.first.method), g.first.label))
+    rows, nums = [], []
+    for g in gs:
+        devices = sorted({r.device for r in g.runs})
+        per = [sum(r.seconds) / len(r.seconds) for r in g.runs if r.seconds]
+        tot = [t for t in (_total_seconds(r, by_name, r.device) for r in g.runs) if t is not None]
+        pm, tm = mean_std(per)[0], mean_std(tot)[0]
+        row: dict[str, Any] = {"method": g.first.method, "arch": g.first.arch, "setting": g.first.label,
+                               "seeds": len(g.runs), "n": f"{g.n('clean')} / AA {g.n('aa')}"}
+        num: dict[str, Any] = {"method": g.first.method, "arch": g.first.arch, "setting": g.first.setting,
+                               "seeds": len(g.runs)}
+        for a in (*ATTACKS, "avg"):
+            mean, std, k = g.stat(a)
+            row[LABEL[a]] = fmt(mean, std, k)
+            num.update({f"{a}_mean": mean, f"{a}_std": std, f"{a}_seeds": k})
+        row["epochs"] = g.first.hp.get("epochs")
+        row["s/epoch"] = DASH if pm is None else f"{pm:.1f}"
+        row["total h"] = DASH if tm is None else f"{tm / 3600:.2f}"
+        row["device"] = "; ".join(devices)
+        num.update({"epochs": row["epochs"], "sec_per_epoch": pm, "total_seconds": tm, "device": row["device"]})
+        notes = []
+        if g.suspect:
+            notes.append("SUSPECT: " + "; ".join(g.suspect))
+        changed = hp_changes(g)
+        if changed:
+            notes.append("scaled / ≠ defaults: " + changed)
+        row["notes"] = num["notes"] = " · ".join(notes)
+        rows.append(row)
+        nums.append(num)
+    # Kendall's τ against the paper's Table 1, per metric, over the methods both have (one setting per method:
+    # the one with the most seeds, then the label order)
+    best: dict[str, Group] = {}
+    for g in gs:
+        m = g.first.method
+        if m not in best or len(g.runs) > len(best[m].runs):
+            best[m] = g
+    trows, tnums = [], []
+    for a in (*ATTACKS, "avg"):
+        pairs = []
+        for m, g in best.items():
+            ours = g.stat(a)[0]
+            theirs = paper.metric(paper.table12_row("resnet18", m, "cifar10"), a)
+            if ours is not None and theirs is not None:
+                pairs.append((m, ours, theirs))
+        tau = kendall_tau([p[1] for p in pairs], [p[2] for p in pairs]) if len(pairs) >= 2 else None
+        rank = lambda i: " > ".join(m for m, *_ in sorted(pairs, key=lambda p: -p[i]))  # noqa: E731
+        trows.append({"metric": LABEL[a], "methods": len(pairs), "Kendall τ-b": DASH if tau is None else f"{tau:+.2f}",
+                      "tier ranking": rank(1) or DASH, "paper Table 1 ranking": rank(2) or DASH})
+        tnums.append({"metric": a, "methods": len(pairs), "tau_b": tau,
+                      "tier": ",".join(m for m, *_ in sorted(pairs, key=lambda p: -p[1])),
+                      "paper": ",".join(m for m, *_ in sorted(pairs, key=lambda p: -p[2]))})
+    return pd.DataFrame(rows), pd.DataFrame(nums), pd.DataFrame(trows), pd.DataFrame(tnums)
+
+
+def tier_cost(runs: list[Run], preset: str = TIER) -> tuple[int, int, float]:
+    """(finished tier runs, tier runs, CPU seconds of their training and evaluation)."""
+    tier = [r for r in runs if r.config.get("preset") == preset]
+    return sum(1 for r in tier if r.done), len(tier), sum(_run_seconds(r) for r in tier)
+
+
 def settings_table(groups: dict[str, Group]) -> Any:
     """What each setting label stands for: the identity of its runs without the seed."""
     import pandas as pd
@@ -467,6 +569,7 @@ def settings_table(groups: dict[str, Group]) -> Any:
                      "arch": c.get("arch"), "preset": c.get("preset"), "subset": c.get("subset"),
                      "seeds": ",".join(str(s) for s in g.seeds), "precision": c.get("precision"),
                      "pretrained": _SEEDED_NAME.sub("_s*", str(c.get("pretrained"))) if c.get("pretrained") else "",
+                     "≠ method defaults (scaled)": hp_changes(g),
                      "hp": json.dumps(c.get("hp", {}), sort_keys=True)})
     return pd.DataFrame(rows)
 
@@ -514,6 +617,11 @@ TITLES = {
     "table5": "Table 5: training time — seconds per epoch and total (with the shared pre-training), per device "
               "(ours vs AFD Table 5)",
     "settings": "Settings: what each setting label in the tables stands for",
+    "tier": "The CPU tier (preset cpu): Clean / PGD-20 / AA / Avg on the full CIFAR-10 with a small CNN, mean ± std "
+            "over seeds, time per epoch and in total (not comparable with the paper's ResNet-18 numbers)",
+    "tier_tau": "The CPU tier's ranking of the methods against the paper's Table 1 (CIFAR-10, ResNet-18): Kendall's "
+                "τ-b per metric over the methods both have (a small model may rank differently; the paper's † rows "
+                "are PGD-10 numbers of PreAct-ResNet-18)",
 }
 
 
@@ -542,6 +650,14 @@ def build(results_dir: str | Path = "results", out_dir: str | Path | None = None
     }.items():
         files += write_table(display, numeric, tables_dir, name, TITLES[name])
         tables[name] = (TITLES[name], display)
+    tdisp, tnum, taudisp, taunum = tier_table(groups, runs)
+    done_tier, all_tier, tier_s = tier_cost(runs)
+    tier_title = TITLES["tier"] + (f"; {done_tier} of {all_tier} runs finished, {tier_s / 3600:.2f} h of training "
+                                   "and evaluation so far" if all_tier else "")
+    files += write_table(tdisp, tnum, tables_dir, "tier", tier_title)
+    tables["tier"] = (tier_title, tdisp)
+    files += write_table(taudisp, taunum, tables_dir, "tier_tau", TITLES["tier_tau"])
+    tables["tier_tau"] = (TITLES["tier_tau"], taudisp)
     st = settings_table(groups)
     files += write_table(st, st, tables_dir, "settings", TITLES["settings"])
     tables["settings"] = (TITLES["settings"], st)

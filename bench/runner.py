@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .config import (PRECISIONS, Grid, RunConfig, check_sets, expand_grid, load_preset, method_run_setting,
                      parse_seeds, parse_sets, resolve_hp)
-from .data import DATASETS, Dataset, load_dataset
+from .data import DATASETS, Dataset, data_fingerprint, load_dataset
 from .errors import BenchError, choice_error
 from .evaluate import parse_attacks
 from .models import MODELS
@@ -151,7 +151,10 @@ def plan(req: RunRequest) -> list[Planned]:
                 raise BenchError(f"--pretrained {req.pretrained} is a {pretrained_method} model; {m} starts from a "
                                  f"{starts} model (accepted: a {STARTING_METHOD[starts]} run or its weights, or a "
                                  "checkpoint from elsewhere)")
-    common = dict(dataset=dataset, arch=arch, preset=preset["name"], precision=precision, attacks=attacks,
+    # the data by content, in every run's identity: loads (decodes once into the cache) and refuses a --data-dir
+    # that does not exist, before anything is written, also when the runs are done
+    data = data_fingerprint(dataset, req.data_dir, req.download)
+    common = dict(dataset=dataset, arch=arch, preset=preset["name"], precision=precision, attacks=attacks, data=data,
                   normalize=bool(_pick(req.normalize, run, "normalize", False)),
                   channels_last=bool(_pick(req.channels_last, run, "channels_last", False)),
                   compile=bool(_pick(req.compile, run, "compile", False)), device=req.device,
@@ -224,7 +227,12 @@ class Runner:
         key = (cfg.dataset, cfg.data_dir)
         if key not in self._data:
             self._data[key] = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
-        return self._data[key]
+        ds = self._data[key]
+        if cfg.data is not None and ds.fingerprint != cfg.data:
+            raise BenchError(f"the {cfg.dataset} data at {ds.source} (fingerprint {ds.fingerprint}) is not the data "
+                             f"run {cfg.run_name} was planned with ({cfg.data}): it changed since; plan the run "
+                             "again (bench run / bench sweep) to train on the data as it is now")
+        return ds
 
     def execute(self, cfg: RunConfig, base: RunConfig | None = None, grid: dict[str, Any] | None = None) -> RunDir:
         """Train (or resume) and evaluate one run, after its starting model ``base``; a finished run only gets

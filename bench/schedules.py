@@ -14,7 +14,10 @@ from 1, and each schedule says how it maps.
   ``epoch + (step+1)/steps_per_epoch`` as in GradAlign's ``lr_schedule(epoch + (i+1)/len(loader))``;
   :func:`cyclic_factor` evaluates it at any fraction of the run (Free-AT steps it per replay).
 * ``suzuki``: the AFT schedule of METHODS.md §9 (AFD code ``tl+sl.py`` L106-113): epochs 1-10 at lr₀, ×0.8 at
-  epoch 11, then halved at epochs 13, 15, 17, 19 (1-based).
+  epoch 11, then halved at epochs 13, 15, 17, 19 (1-based); ``milestones`` (five 1-based epochs, default
+  [11, 13, 15, 17, 19]) moves the ×0.8 and the four halvings, for a run shorter or longer than the paper's 20 epochs.
+
+:func:`check_schedule` validates a schedule dict (its name, its keys and their values) when a run is planned.
 """
 from __future__ import annotations
 
@@ -24,6 +27,61 @@ from typing import Any
 from .errors import BenchError
 
 NAMES = ("constant", "multistep", "cosine", "piecewise", "cyclic", "suzuki")
+SUZUKI_MILESTONES = (11, 13, 15, 17, 19)
+# the keys each schedule takes besides its name
+KEYS = {"constant": (), "multistep": ("milestones", "gamma"), "cosine": (), "piecewise": ("points",),
+        "cyclic": ("peak",), "suzuki": ("milestones",)}
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_schedule(schedule: Any, where: str = "schedule") -> None:
+    """A one-line :class:`BenchError` for a schedule :func:`lr_at` would reject or misread (an unknown name or key,
+    a non-numeric or negative gamma, milestones that are not increasing positive integers, malformed points...),
+    so that a run is refused when it is planned, not at its first learning rate."""
+    if isinstance(schedule, str):
+        schedule = {"name": schedule}
+    if not isinstance(schedule, dict):
+        raise BenchError(f"{where} = {schedule!r}; accepted: a schedule name ({', '.join(NAMES)}) or a table "
+                         "{ name = ..., ... }")
+    name = schedule.get("name")
+    if name not in KEYS:
+        raise BenchError(f"{where}: unknown schedule {name!r}; accepted: {', '.join(NAMES)}")
+    extra = sorted(set(schedule) - {"name", *KEYS[name]})
+    if extra:
+        taken = ", ".join(KEYS[name]) or "none"
+        raise BenchError(f"{where}: schedule {name!r} takes no {', '.join(map(repr, extra))}; accepted keys: {taken}")
+
+    def milestones(n: int | None):
+        ms = schedule.get("milestones", [])
+        if (not isinstance(ms, (list, tuple)) or (n is not None and len(ms) != n)
+                or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms)
+                or any(b < a for a, b in zip(ms, ms[1:]))):
+            count = f"{n} " if n is not None else ""
+            raise BenchError(f"{where}: milestones = {ms!r}; accepted: a list of {count}non-decreasing positive "
+                             "integers (1-based epochs)")
+
+    if name == "multistep":
+        milestones(None)
+        g = schedule.get("gamma", 0.1)
+        if not _real(g) or g < 0:
+            raise BenchError(f"{where}: gamma = {g!r}; accepted: a non-negative number (0.1 = ×0.1 per milestone)")
+    elif name == "suzuki" and "milestones" in schedule:
+        milestones(len(SUZUKI_MILESTONES))
+    elif name == "cyclic":
+        peak = schedule.get("peak", 0.5)
+        if not _real(peak) or not 0 < peak < 1:
+            raise BenchError(f"{where}: peak = {peak!r}; accepted: a number strictly between 0 and 1")
+    elif name == "piecewise":
+        pts = schedule.get("points")
+        ok = isinstance(pts, (list, tuple)) and len(pts) > 0 and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and _real(p[0]) and _real(p[1]) and p[0] >= 0 and p[1] >= 0
+            for p in pts)
+        if not ok or any(b[0] < a[0] for a, b in zip(pts, pts[1:])):
+            raise BenchError(f"{where}: points = {pts!r}; accepted: [[epoch, factor], ...] with non-negative "
+                             "numbers and non-decreasing epochs")
 
 
 def cyclic_factor(frac: float, peak: float = 0.5) -> float:
@@ -69,10 +127,11 @@ def lr_at(lr0: float, schedule: dict[str, Any] | str | None, epoch: int, step: i
         return lr0 * cyclic_factor(t, float(schedule.get("peak", 0.5)))
     if name == "suzuki":
         e = epoch + 1
-        if e <= 10:
+        first, *halvings = schedule.get("milestones", SUZUKI_MILESTONES)
+        if e < first:
             return lr0
         lr = lr0 * 0.8
-        for m in (13, 15, 17, 19):
+        for m in halvings:
             if e >= m:
                 lr *= 0.5
         return lr

@@ -33,6 +33,7 @@ def test_interrupted_then_resumed_run_reaches_bit_identical_weights(tmp_path, sy
     assert t2.resume() == 1
     t2.train()
     resumed = t2.method.model.state_dict()
+    # bit for bit (so on a 2-core AMD EPYC): one process, one thread count, fp32 (the default on every CPU)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert [r["loss"] for r in a.read_metrics()] == [r["loss"] for r in b.read_metrics()]
     assert len(b.read_metrics()) == 3

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.errors import BenchError
 from bench.loader import Batch
 from bench.schedules import lr_at
 from methods import get_method
@@ -171,3 +172,33 @@ def test_pretrained_of_the_wrong_kind_is_refused(tmp_path, finetune_method):
     assert p.cfg.pretrained_path == str(nat_run.final_weights) and p.cfg.pretrained.startswith("file:")
     with pytest.raises(BenchError, match="is a directory but not a finished run"):
         plan(small_request(tmp_path, methods=["test-finetune"], pretrained=str(tmp_path)))
+
+
+def test_suzuki_milestones_compress_the_schedule():
+    """The tier's 10-epoch AFT runs: the ×0.8 and the four halvings at epochs 6-10 (the 20-epoch rule halved)."""
+    sched = {"name": "suzuki", "milestones": [6, 7, 8, 9, 10]}
+    lrs = [lr_at(0.025, sched, e, 0, 10, 10) for e in range(10)]
+    assert lrs == pytest.approx([0.025] * 5 + [0.02, 0.01, 0.005, 0.0025, 0.00125])
+    # the default is the paper's, explicitly
+    default = [lr_at(0.025, {"name": "suzuki", "milestones": [11, 13, 15, 17, 19]}, e, 0, 10, 20) for e in range(20)]
+    assert default == [lr_at(0.025, {"name": "suzuki"}, e, 0, 10, 20) for e in range(20)]
+
+
+@pytest.mark.parametrize("schedule,match", [
+    ({"name": "cosin"}, "unknown schedule 'cosin'; accepted: constant, multistep"),
+    ({"name": "multistep", "milestones": [50, 75], "gamma": "x"}, "gamma = 'x'; accepted: a non-negative number"),
+    ({"name": "multistep", "milestones": [50, 75], "gamma": -0.1}, "gamma = -0.1; accepted"),
+    ({"name": "multistep", "milestones": "50"}, "milestones = '50'; accepted: a list of non-decreasing"),
+    ({"name": "multistep", "milestones": [75, 50]}, r"milestones = \[75, 50\]"),
+    ({"name": "multistep", "milestones": [0.5]}, "positive integers"),
+    ({"name": "multistep", "milestone": [50]}, "schedule 'multistep' takes no 'milestone'; accepted keys: milestones, gamma"),
+    ({"name": "suzuki", "milestones": [6, 7]}, "a list of 5 non-decreasing"),
+    ({"name": "cyclic", "peak": 1.5}, "peak = 1.5; accepted: a number strictly between 0 and 1"),
+    ({"name": "piecewise", "points": [[0, 0], [12]]}, r"points = .*accepted: \[\[epoch, factor\], ...\]"),
+    ({"name": "cosine", "gamma": 0.1}, "takes no 'gamma'; accepted keys: none"),
+    (5, "schedule = 5; accepted: a schedule name"),
+])
+def test_bad_schedules_are_refused_when_the_hyper_parameters_are_resolved(schedule, match):
+    from bench.config import resolve_hp
+    with pytest.raises(BenchError, match=match):
+        resolve_hp("pgd-at", {"method": {"pgd-at": {"schedule": schedule}}}, {}, [])

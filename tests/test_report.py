@@ -254,3 +254,63 @@ def test_tsne_embedding_is_deterministic_and_uses_the_adversarial_examples():
     assert a == b and a["n"] == 24 and a["perplexity"] < 24
     clean = tsne_embedding(model, x, y, feats, eps=0.0, seed=3)  # ε = 0: the features of the clean images
     assert clean["g"] != a["g"]
+
+
+def test_kendall_tau_b_against_hand_counts_and_scipy():
+    from bench.report import kendall_tau
+
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    # 6 pairs: (1,2) (1,3) (2,3) concordant, (1,4) (2,4) (3,4) discordant... by hand: x = 1 2 3 4, y = 1 3 2 0
+    # pairs (i<j): 12 c, 13 c, 14 d, 23 d, 24 d, 34 d -> (2 - 4) / 6
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 0]) == pytest.approx(-2 / 6)
+    # a tie in x: τ-b's denominator sqrt((n0 - n1)(n0 - n2)) with n0 = 6, n1 = 1, n2 = 0
+    assert kendall_tau([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / (5 * 6) ** 0.5)
+    assert kendall_tau([1], [2]) is None and kendall_tau([1, 1], [2, 3]) is None
+    scipy_stats = pytest.importorskip("scipy.stats")
+    import random
+
+    rng = random.Random(0)
+    for _ in range(20):
+        xs = [rng.randint(0, 5) for _ in range(7)]
+        ys = [rng.randint(0, 5) for _ in range(7)]
+        ref = scipy_stats.kendalltau(xs, ys).statistic
+        got = kendall_tau(xs, ys)
+        assert (got is None and ref != ref) or got == pytest.approx(ref)
+
+
+def test_the_cpu_tier_gets_its_own_table_with_seeds_times_and_tau(tmp_path):
+    """Tier runs (preset cpu, a small CNN) never enter Table 1; the tier table aggregates their seeds, counts the
+    pre-training into the total time, and ranks the methods against the paper's Table 1 with Kendall's τ."""
+    fixed_records(tmp_path)
+    nat = [write_run(tmp_path, "natural", s, arch="smallvgg", preset="cpu", seconds=(40.0,) * 3,
+                     accs={"clean": 82.0 + s, "pgd20": 0.0, "aa": 0.0}) for s in (0, 1, 2)]
+    # the paper's CIFAR-10 order: AFD 84.88/52.70/47.40 > ARREST 85.71/51.23/46.23 > vAFT 83.93/51.40/45.48 (AA)
+    for s in (0, 1, 2):
+        write_run(tmp_path, "afd", s, arch="smallvgg", preset="cpu", pretrained=nat[s], seconds=(100.0,) * 2,
+                  accs={"clean": 70.0 + s, "pgd20": 36.0 + s, "aa": 31.0 + s})
+        write_run(tmp_path, "vaft", s, arch="smallvgg", preset="cpu", pretrained=nat[s], seconds=(90.0,) * 2,
+                  accs={"clean": 69.0, "pgd20": 35.0, "aa": 30.0})
+    write_run(tmp_path, "arrest", 0, arch="smallvgg", preset="cpu", pretrained=nat[0], seconds=(95.0,) * 2,
+              accs={"clean": 68.0, "pgd20": 34.0, "aa": 32.5})
+    build(tmp_path, echo=lambda s: None)
+    t1 = (tmp_path / "tables" / "table1.md").read_text()
+    assert "smallvgg" not in t1 and "cpu·" not in t1
+    tier = _rows(tmp_path / "tables" / "tier.csv")
+    assert list(tier["method"]) == ["natural", "vaft", "arrest", "afd"]  # the paper's row order
+    afd = tier[tier["method"] == "afd"].iloc[0]
+    assert afd["seeds"] == 3 and afd["clean_mean"] == pytest.approx(71.0) and afd["clean_std"] == pytest.approx(1.0)
+    assert afd["sec_per_epoch"] == pytest.approx(100.0)
+    assert afd["total_seconds"] == pytest.approx(200.0 + 120.0)  # its epochs plus its own natural model's
+    assert "epochs=2" in afd["notes"]
+    md = (tmp_path / "tables" / "tier.md").read_text()
+    assert "71.00 ± 1.00" in md and "10 of 10 runs finished" in md
+    tau = _rows(tmp_path / "tables" / "tier_tau.csv").set_index("metric")
+    # PGD-20: tier afd 37 > vaft 35 > arrest 34; paper afd 52.70 > vaft 51.40 > arrest 51.23: the same order
+    assert tau.loc["pgd20", "methods"] == 3 and tau.loc["pgd20", "tau_b"] == pytest.approx(1.0)
+    # AA: tier arrest 32.5 > afd 32 > vaft 30; paper afd > arrest > vaft: one discordant pair of three
+    assert tau.loc["aa", "tau_b"] == pytest.approx(1 / 3, abs=1e-4)  # the CSV keeps 4 decimals
+    assert tau.loc["aa", "tier"] == "arrest,afd,vaft" and tau.loc["aa", "paper"] == "afd,arrest,vaft"
+    assert "Kendall τ-b" in (tmp_path / "tables" / "tier_tau.md").read_text()
+    st = (tmp_path / "tables" / "settings.md").read_text()
+    assert "≠ method defaults (scaled)" in st

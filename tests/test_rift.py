@@ -31,7 +31,8 @@ SMALL_SETS = [f"rift.holdout_per_class={HOLD}", "rift.mrc_epochs=2", "rift.attac
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """These tests do many tiny forwards: one intra-op thread is faster, and far faster when another process
-    shares the two cores (conftest's two threads then oversubscribe them). Restored afterwards."""
+    shares the two cores (conftest's two threads then oversubscribe them). Restored afterwards. Every exact
+    comparison below (resumed vs uninterrupted) is thus between runs of one process at one thread count."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -28,14 +28,36 @@ def _req(tmp_path, **kw):
     return RunRequest(**{**SMALL, "results_dir": str(tmp_path / "results"), **kw})
 
 
+def _fashion_mnist_files(root):
+    """A tiny Fashion-MNIST on disk (the IDX layout): planning reads the data, whose fingerprint is in the runs'
+    identity, and a test machine need not have Debian's copy."""
+    import gzip
+    import struct
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for name, shape in (("train-images-idx3-ubyte", (20, 28, 28)), ("train-labels-idx1-ubyte", (20,)),
+                        ("t10k-images-idx3-ubyte", (10, 28, 28)), ("t10k-labels-idx1-ubyte", (10,))):
+        a = rng.integers(0, 10 if len(shape) == 1 else 256, shape).astype(np.uint8)
+        head = struct.pack(">HBB", 0, 0x08, a.ndim) + struct.pack(">" + "I" * a.ndim, *a.shape)
+        with gzip.open(root / (name + ".gz"), "wb") as f:
+            f.write(head + a.tobytes())
+    return str(root)
+
+
 def test_the_grid_is_the_runs_bench_run_plans(tmp_path):
     req = _req(tmp_path, methods=["pgd-at", "afd"], seeds="0-2", sets=["natural.epochs=1", "afd.gamma=5,25"])
-    units = expand(SweepSpec(req, ["synthetic", "fashion-mnist"], ["smallcnn", "resnet18"]))
+    fmnist = _fashion_mnist_files(tmp_path / "fmnist")
+    units = expand(SweepSpec(req, ["synthetic", "fashion-mnist"], ["smallcnn", "resnet18"],
+                             data_dirs={"fashion-mnist": fmnist}))
     # (pgd-at + afd × 2 gamma) × 3 seeds × 2 datasets × 2 archs
     assert len(units) == (1 + 2) * 3 * 2 * 2 == len({u.name for u in units})
     for dataset in ("synthetic", "fashion-mnist"):
         for arch in ("smallcnn", "resnet18"):
-            names = {p.cfg.run_name for p in plan(RunRequest(**{**req.__dict__, "dataset": dataset, "arch": arch}))}
+            data_dir = fmnist if dataset == "fashion-mnist" else None
+            names = {p.cfg.run_name for p in plan(RunRequest(**{**req.__dict__, "dataset": dataset, "arch": arch,
+                                                                 "data_dir": data_dir}))}
             assert names <= {u.name for u in units}
     afd = [u for u in units if u.cfg.method == "afd"]
     assert all(u.base is not None and u.base.method == "natural" for u in afd)
@@ -174,6 +196,8 @@ def test_preempted_job_is_requeued_and_resumes(tmp_path):
         del os.environ["OMP_NUM_THREADS"]
     a = load_file(run.final_weights)
     b = load_file(straight / "runs" / run.name / "ckpt" / "model.safetensors")
+    # bit for bit (so on a 2-core AMD EPYC): the job and the straight run are processes of one machine, both with
+    # OMP_NUM_THREADS=1 and fp32, so the same kernels in the same reduction order on any CPU
     assert all((a[k] == b[k]).all() for k in a)
     rows = run.read_metrics()
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]

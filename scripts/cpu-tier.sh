@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The CPU tier (bench/configs/cpu.toml) in the order that makes partial results useful first: seed 0 of the AFT
+# core (natural, vAFT, AFKD, ARREST, AFD), PGD-AT, the rest of the from-scratch family, RiFT (with its own PGD-AT
+# base), the ablation variants, then seeds 1 and 2 of the AFT core. Every `bench run` skips finished runs and
+# resumes partial ones, so running this again after an interruption carries on where it stopped.
+#
+#   setsid nohup nice -n 19 scripts/cpu-tier.sh > .tier/log 2>&1 &        # in the background, at low priority
+#
+# DATA (default ../shared/data/cifar10-jpeg.tar.gz) and RESULTS (default results) may be set in the environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
+RESULTS=${RESULTS:-results}
+[ -x .venv/bin/bench ] && PATH="$PWD/.venv/bin:$PATH"
+run() { echo "=== $(date -u +%FT%TZ) bench run --preset cpu $*"; bench run --preset cpu --data-dir "$DATA" --results "$RESULTS" -q "$@"; }
+run --methods natural,vaft,afkd,arrest,afd --seeds 0
+run --methods pgd-at --seeds 0
+run --methods trades,fgsm-rs,free-at,atas,fgsm-ga --seeds 0
+run --methods rift --seeds 0
+run --methods afd-literal,vaft+d,vaft+a --seeds 0
+run --methods natural,vaft,afkd,arrest,afd --seeds 1,2
+echo "=== $(date -u +%FT%TZ) the CPU tier is complete"
