@@ -3,7 +3,10 @@
 A nested structure of dicts / lists / tuples / numbers / strings / tensors is split into a flat dict of tensors
 (stored as safetensors) and a JSON skeleton (stored in the safetensors metadata) that says where each tensor goes.
 Nothing is unpickled on load, so a checkpoint from elsewhere cannot run code. The metadata also carries a SHA-256 of
-the tensor bytes, so a file that was truncated or altered is detected and never loaded.
+the whole content — the JSON skeleton (epochs done, losses, RNG states, every number that is not a tensor), the
+format, and the tensors' names, dtypes, shapes and bytes — so a file that was truncated or altered anywhere,
+header included, is detected and never loaded. (Files of the first format, ``aft-bench-state/1``, covered only the
+tensors; they still load, with their tensors checked.)
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from safetensors.torch import save as st_save
 from .errors import BenchError
 from .fsutil import atomic_write
 
-FORMAT = "aft-bench-state/1"
+FORMAT = "aft-bench-state/2"
+FORMAT_V1 = "aft-bench-state/1"
 
 
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
@@ -75,12 +79,21 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     atomic_write(path, lambda f: f.write(data))
 
 
+def state_digest(fmt: str, skeleton: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the format, the skeleton's exact text and the tensors (:func:`tensor_digest`)."""
+    h = hashlib.sha256()
+    for part in (fmt, skeleton, tensor_digest(tensors)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def save_state(path: str | os.PathLike, state: Any) -> None:
     """Write ``state`` atomically to ``path`` (a .safetensors file)."""
     tensors: dict[str, torch.Tensor] = {}
-    skel = _flatten(state, tensors, "")
-    write_safetensors(path, tensors, {"format": FORMAT, "skeleton": json.dumps(skel),
-                                      "sha256": tensor_digest(tensors)})
+    skel = json.dumps(_flatten(state, tensors, ""))
+    write_safetensors(path, tensors, {"format": FORMAT, "skeleton": skel,
+                                      "sha256": state_digest(FORMAT, skel, tensors)})
 
 
 class CorruptCheckpoint(BenchError):
@@ -95,12 +108,23 @@ def load_state(path: str | os.PathLike) -> Any:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated / malformed files
-        raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
-    if meta.get("format") != FORMAT:
-        raise CorruptCheckpoint(f"checkpoint {path} is not an aft-bench state file (format {meta.get('format')!r})")
-    if tensor_digest(tensors) != meta.get("sha256"):
+        raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({type(e).__name__}: {_first_line(e)})") from None
+    fmt, skel = meta.get("format"), meta.get("skeleton")
+    if fmt not in (FORMAT, FORMAT_V1) or not isinstance(skel, str):
+        raise CorruptCheckpoint(f"checkpoint {path} is not an aft-bench state file (format {fmt!r})")
+    want = state_digest(fmt, skel, tensors) if fmt == FORMAT else tensor_digest(tensors)
+    if want != meta.get("sha256"):
         raise CorruptCheckpoint(f"checkpoint {path} fails its SHA-256 check (truncated or modified)")
-    return _unflatten(json.loads(meta["skeleton"]), tensors)
+    try:
+        return _unflatten(json.loads(skel), tensors)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"checkpoint {path} has a malformed skeleton ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message as one whole line (never cut mid-word)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def load_latest(paths: list[Path]) -> tuple[Any, Path] | None:

@@ -14,6 +14,8 @@ import click
 
 from .errors import BenchError
 
+SWEEP_CONFIRM = 100  # runs a sweep launches without --yes
+
 
 def _csv(value: str | None) -> list[str] | None:
     if value is None:
@@ -236,8 +238,10 @@ def _minutes(ctx, param, value):
                    "processes, debug: this process) to rehearse a sweep without a cluster.")
 @click.option("--dry-run", is_flag=True, help="Show every run and its state (done / running / todo); launch nothing.")
 @click.option("--wait", is_flag=True, help="slurm / parallel local: wait until every launched job has finished.")
+@click.option("--yes", is_flag=True, help=f"Launch even when the sweep has more than {SWEEP_CONFIRM} runs to launch "
+              "(without it, such a sweep is refused: a stray range or grid is the likelier cause).")
 def sweep_cmd(launcher, gpus_per_run, parallel, partition, time_min, array_parallelism, cpus_per_task, mem_gb,
-              account, qos, constraint, slurm_args, cluster, dry_run, wait, quiet, **opts) -> None:
+              account, qos, constraint, slurm_args, cluster, dry_run, wait, quiet, yes, **opts) -> None:
     """Expand methods × datasets × architectures × seeds × --set grids into runs and launch what is neither done
     nor running.
 
@@ -284,6 +288,9 @@ def sweep_cmd(launcher, gpus_per_run, parallel, partition, time_min, array_paral
         for line in describe(sp):
             click.echo("  " + line)
         return
+    if c["todo"] + len(sp.bases) > SWEEP_CONFIRM and not yes:
+        raise BenchError(f"the sweep would launch {c['todo'] + len(sp.bases)} runs, more than {SWEEP_CONFIRM}; "
+                         "accepted: --yes to launch them all, or --dry-run to list them first")
     opts_l = LaunchOptions(launcher=launcher, cluster=cluster, gpus_per_run=gpus_per_run, parallel=parallel,
                            partition=partition, time_min=time_min, array_parallelism=array_parallelism,
                            cpus_per_task=cpus_per_task, mem_gb=mem_gb, account=account, qos=qos,
@@ -296,12 +303,20 @@ def sweep_cmd(launcher, gpus_per_run, parallel, partition, time_min, array_paral
         click.echo(format_table(summary_rows([RunDir.for_config(names[n].cfg) for n in out.ran if n in names])))
 
 
-def _check_results_dir(path: str) -> None:
+def _check_results_dir(path: str, option: str = "--results", write: bool = True) -> None:
+    """A one-line error, before anything is written, for a results (or output) directory that cannot be one: an
+    empty name, a file, under a file, a symbolic link inside it to elsewhere, or (``write``) not writable."""
+    from .fsutil import check_writable_dir
+
+    check_writable_dir(path, option, write=write)
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise BenchError(f"--results {path} is a file; accepted: a directory (created if missing)")
-    if (p / "runs").exists() and not (p / "runs").is_dir():
-        raise BenchError(f"--results {path}: {p / 'runs'} is a file; accepted: a directory")
+    for sub in ("runs", "sweeps", "tables", "figures"):
+        q = p / sub
+        if q.is_symlink():
+            raise BenchError(f"{option} {path}: {q} is a symbolic link (to {os.readlink(q)}); the suite writes only "
+                             f"inside the results root: accepted: a real directory (remove the link)")
+        if q.exists() and not q.is_dir():
+            raise BenchError(f"{option} {path}: {q} is a file; accepted: a directory")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,6 +345,14 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
              model_dir, threat_model, output, quiet) -> None:
     """Clean / PGD-20 / AutoAttack of TARGET: a run directory, a checkpoint file (.safetensors/.pt/.pth, also
     kuangliu, TRADES and AFD-author key names), or robustbench:<model name> (files already on disk)."""
+    if output is not None:
+        out = Path(output)
+        if output.strip() == "" or out.is_dir():
+            raise BenchError(f"--output {output!r} is {'a folder' if output.strip() else 'empty'}; accepted: a "
+                             f"file path for the JSON record (e.g. {out / 'eval.json' if output.strip() else 'eval.json'})")
+        from .fsutil import check_writable_dir
+
+        check_writable_dir(out.parent if str(out.parent) else ".", f"--output {output}: its folder")
     from .config import parse_value
     from .data import load_dataset
     from .engine import resolve_device
@@ -356,6 +379,7 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
         path = Path(target)
         if path.is_dir():
             run = RunDir(path)
+            run.check_place()  # its eval.json and eval-state are written in it: never through a link elsewhere
             if not run.config.is_file():
                 raise BenchError(f"{path} is not a run directory (no config.json); accepted: a run directory, a "
                                  "checkpoint file, or robustbench:<name>")
@@ -368,6 +392,10 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
             weights = run.final_weights
             if not weights.is_file():
                 raise BenchError(f"run {path} has no final weights yet ({weights}); finish it with bench run first")
+            bad = run.weights_mismatch()
+            if bad:
+                raise BenchError(f"run {path.name}: {bad}; accepted: restore that file, or evaluate it as a "
+                                 f"checkpoint file (bench eval {weights} --arch {arch} --dataset {dataset})")
         elif path.is_file():
             if arch is None or dataset is None:
                 raise BenchError("a checkpoint file needs --arch and --dataset (see `bench list`)")
@@ -428,19 +456,30 @@ def status_cmd(results_dir, as_json) -> None:
     """Every run under RESULTS/runs: done, running (and by which process), or partial (epochs done)."""
     from .records import list_runs
 
+    _check_results_dir(results_dir, write=False)
     runs = list_runs(results_dir)
     if not runs:
         click.echo(f"no runs under {Path(results_dir) / 'runs'}")
         return
     for run in runs:
         st = run.status()
-        ev = (run.read_eval() or {}).get("results", {})
-        st.update({a: ev.get(a, {}).get("acc") for a in ("clean", "pgd20", "aa")})
+        if st["state"] == "damaged":  # one line, with the path and what is wrong; the other runs go on
+            if as_json:
+                click.echo(json.dumps(st))
+            else:
+                hint = ("train it again: delete its ckpt/ and done" if "final weights" in st["damage"] else
+                        "bench run of this run repairs it")
+                click.echo(f"{'damaged':<8} {st['epoch']:>4}/{st['epochs'] or '?':<4} {st['run']}  {st['damage']}; "
+                           f"{hint}")
+            continue
+        record = run.read_eval() or {}
+        ev = record.get("results", {})
+        st.update({a: (ev.get(a) or {}).get("acc") for a in ("clean", "pgd20", "aa")})
         if as_json:
             click.echo(json.dumps(st))
             continue
         accs = "  ".join(f"{a} {st[a]:.2f}" for a in ("clean", "pgd20", "aa") if st[a] is not None)
-        suspect = (run.read_eval() or {}).get("suspect")
+        suspect = record.get("suspect")
         if suspect:
             accs += f"  SUSPECT: {','.join(suspect)}"
         extra = ""
@@ -463,8 +502,9 @@ def report_cmd(results_dir, out_dir) -> None:
     paper's numbers: RESULTS/tables/*.md|csv|tex, RESULTS/figures/*.png|pdf and RESULTS/index.html."""
     from .report import build
 
+    _check_results_dir(results_dir, "--results", write=out_dir is None)  # without --out, the report goes there
     if out_dir is not None:
-        _check_results_dir(out_dir)
+        _check_results_dir(out_dir, "--out")
     build(results_dir, out_dir, echo=click.echo)
 
 

@@ -65,12 +65,52 @@ def load_preset(name: str | None) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BenchError(f"preset {name} is not valid TOML ({e})") from None
-    unknown = set(data.get("run", {})) - RUN_KEYS
+    check_preset(name, data)
+    return {"run": data.get("run", {}), "method": data.get("method", {}), "name": name,
+            "description": data.get("description", "")}
+
+
+def check_preset(name: str, data: dict[str, Any]) -> None:
+    """One line for a preset's shape errors, when it is loaded (before anything runs): unknown tables and keys,
+    ``methods`` that is not a list of method names, seeds that are not non-negative integers, a ``[method]`` entry
+    that is not a table of a registered method (a typo such as ``[method.natral]``)."""
+    from methods import METHODS
+
+    unknown_top = sorted(set(data) - {"run", "method", "description"})
+    if unknown_top:
+        raise BenchError(f"preset {name}: unknown table or key {unknown_top[0]!r}; accepted: description, [run], "
+                         "[method.<name>]")
+    run = data.get("run", {})
+    if not isinstance(run, dict):
+        raise BenchError(f"preset {name}: run = {run!r}; accepted: a [run] table")
+    unknown = set(run) - RUN_KEYS
     if unknown:
         raise BenchError(f"preset {name}: unknown [run] key {sorted(unknown)[0]!r}; accepted: "
                          f"{', '.join(sorted(RUN_KEYS))}")
-    return {"run": data.get("run", {}), "method": data.get("method", {}), "name": name,
-            "description": data.get("description", "")}
+    if "methods" in run:
+        ms = run["methods"]
+        if not isinstance(ms, list) or not ms or not all(isinstance(m, str) for m in ms):
+            raise BenchError(f"preset {name}: methods = {ms!r}; accepted: a list of method names, e.g. "
+                             "[\"natural\", \"pgd-at\"]")
+        for m in ms:
+            if m not in METHODS:
+                raise choice_error(f"method in preset {name}'s methods", m, METHODS.names())
+    if "seeds" in run:
+        seeds = run["seeds"]
+        ok = isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                       for x in seeds)
+        if not ok and not isinstance(seeds, str):
+            raise BenchError(f"preset {name}: seeds = {seeds!r}; accepted: a list of non-negative integers, e.g. "
+                             "[0, 1, 2]")
+    tables = data.get("method", {})
+    if not isinstance(tables, dict):
+        raise BenchError(f"preset {name}: method = {tables!r}; accepted: [method.<name>] tables")
+    for m, t in tables.items():
+        if m != "*" and m not in METHODS:
+            raise choice_error(f"method table [method.{m}] in preset {name}", m, ["*", *METHODS.names()])
+        if not isinstance(t, dict):
+            raise BenchError(f"preset {name}: [method] {m} = {t!r}; accepted: a table [method.{m}] of "
+                             "hyper-parameters (key = value lines)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,18 +135,26 @@ def parse_value(text: str) -> Any:
         return text
 
 
+MAX_SEEDS = 1000  # seeds one command may ask for
+
+
 def parse_seeds(text: str | Iterable[int]) -> list[int]:
     if not isinstance(text, str):
-        return [int(s) for s in text]
+        seeds_in = list(text)
+        if not seeds_in or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds_in):
+            raise BenchError(f"malformed seeds {seeds_in!r}; accepted: non-negative integers such as [0, 1, 2]")
+        return list(dict.fromkeys(seeds_in))
     seeds: list[int] = []
     for part in text.split(","):
         part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)  # ASCII digits only (\d takes '٣' and '３')
         if not m:
             raise BenchError(f"malformed --seeds {text!r}; accepted: non-negative integers such as 0,1,2 or 0-4")
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
         if b < a:
             raise BenchError(f"malformed --seeds {text!r}: range {part} is empty")
+        if b - a + 1 + len(seeds) > MAX_SEEDS:
+            raise BenchError(f"--seeds {text!r} is {b - a + 1 + len(seeds)} seeds; accepted: at most {MAX_SEEDS}")
         seeds.extend(range(a, b + 1))
     return list(dict.fromkeys(seeds))
 
@@ -267,10 +315,20 @@ def check_sets(sets: list[tuple[str | None, str, Any]], methods: list[str]) -> N
     """Every ``--set`` must name a method of the command (or ``natural`` for pre-training) and a key it has."""
     from methods import METHODS, get_method
 
+    starting = {"natural": "natural", "adversarial": "pgd-at"}
+    bases = {starting[METHODS.get(n).starts_from] for n in methods if METHODS.get(n).starts_from in starting}
     for m, k, _ in sets:
         if m is not None:
             if m not in METHODS:
                 raise choice_error("method in --set", m, METHODS.names())
+            if m not in methods and m not in bases:
+                having = [n for n in METHODS.names() if k in get_method(n).resolved_defaults()]
+                listed = [n for n in methods if n in having] + sorted(b for b in bases if b in having)
+                hint = (f"--set {k}=... (unqualified) applies it to {', '.join(listed)}" if listed else
+                        f"{k} is a hyper-parameter of {', '.join(having) or 'no method'}")
+                raise BenchError(f"--set {m}.{k}: {m} is not run by this command (methods: {', '.join(methods)}"
+                                 f"{'; starting models: ' + ', '.join(sorted(bases)) if bases else ''}); accepted: "
+                                 f"add {m} to --methods, or --set for a method that is run ({hint})")
             continue
         if not any(k in get_method(name).resolved_defaults() for name in methods):
             accepted = sorted({key for name in methods for key in get_method(name).resolved_defaults()})

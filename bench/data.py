@@ -37,8 +37,11 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("AFT_BENCH_DATA", Path.home() / ".cache" / "aft-bench" / "data"))
 
 
+CACHE_ENV = "AFT_BENCH_CACHE"
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("AFT_BENCH_CACHE", Path.home() / ".cache" / "aft-bench" / "decoded"))
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "aft-bench" / "decoded"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,7 +513,11 @@ def _extract_archive(archive: Path, cache_dir: Path) -> Path:
     if (dest / ".complete").is_file():
         return dest
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"cannot unpack {archive} into the decoded-data cache {cache_dir} ({e.strerror}); "
+                         f"accepted: a writable directory (set {CACHE_ENV} to one)") from None
     try:
         with tarfile.open(archive) as tf:
             tf.extractall(tmp, filter="data")  # refuses absolute paths, '..', links outside, devices
@@ -576,6 +583,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     if spec.generated is not None:
         return spec.generated()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if cache.exists() and not cache.is_dir() or any(a.is_file() for a in cache.parents):
+        where = next((a for a in [cache, *cache.parents] if a.is_file()), cache)
+        raise BenchError(f"the decoded-data cache {cache} {'is' if where == cache else 'lies under'} a file "
+                         f"{'' if where == cache else str(where) + ' '}(set by {CACHE_ENV} or its default); "
+                         f"accepted: a directory (set {CACHE_ENV} to one)")
     if data_dir is not None:
         roots = [Path(data_dir).expanduser()]
         if not roots[0].exists():
@@ -630,23 +642,27 @@ def _validate(spec: DatasetSpec, ds: Dataset) -> None:
             raise BenchError(f"labels of the {s} split under {ds.source} fall outside 0..{ds.num_classes - 1}")
 
 
-_FINGERPRINTS: dict[str, str] = {}  # of the datasets generated in code
+_GENERATED: dict[str, Dataset] = {}  # the datasets generated in code, once per process
+
+
+def planned_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> Dataset:
+    """The dataset ``load_dataset(name, data_dir)`` gives, as planning sees it: files on disk are loaded every time
+    (from the decoded cache: a fraction of a second for CIFAR-10), so a changed file is seen; a dataset generated in
+    code once per process. A missing ``data_dir`` is the one-line error of :func:`load_dataset`."""
+    if DATASETS.get(name).generated is None:
+        return load_dataset(name, data_dir, download=download)
+    if name not in _GENERATED:
+        _GENERATED[name] = load_dataset(name)
+    return _GENERATED[name]
 
 
 def data_fingerprint(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> str:
-    """The fingerprint of the dataset ``load_dataset(name, data_dir)`` gives: files on disk are loaded every time
-    (from the decoded cache: a fraction of a second for CIFAR-10), so a changed file is seen; a dataset generated in
-    code once per process. A missing ``data_dir`` is the one-line error of :func:`load_dataset`, also for a run that
-    is already done."""
-    if DATASETS.get(name).generated is None:
-        return load_dataset(name, data_dir, download=download).fingerprint
-    if name not in _FINGERPRINTS:
-        _FINGERPRINTS[name] = load_dataset(name).fingerprint
-    return _FINGERPRINTS[name]
+    """The fingerprint (:attr:`Dataset.fingerprint`) of :func:`planned_dataset`, also for a run that is done."""
+    return planned_dataset(name, data_dir, download).fingerprint
 
 
 def describe_datasets() -> list[tuple[str, str]]:
     return [(n, DATASETS.get(n).description) for n in DATASETS.names()]
 
 
-__all__ = ["Dataset", "Split", "DATASETS", "load_dataset", "data_fingerprint", "make_synthetic", "describe_datasets"]
+__all__ = ["Dataset", "Split", "DATASETS", "load_dataset", "planned_dataset", "data_fingerprint", "make_synthetic", "describe_datasets"]

@@ -341,7 +341,7 @@ class Trainer:
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
                 torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             bar = tqdm(total=len(self.loader), desc=f"{self.tag} epoch {epoch + 1}/{epochs}", unit="step",
                        leave=False, disable=None if self.progress else True)
             lr = self.method.lr_at(epoch, 0)
@@ -376,7 +376,10 @@ class Trainer:
                 raise BenchError(f"{self.tag}: the loss became NaN or inf at epoch {epoch + 1}, step "
                                  f"{int(first_bad) + 1}; training stopped, the last good checkpoint "
                                  f"(after epoch {epoch}) is kept")
+            # cpu_seconds: this process's CPU time (all its threads) in the epoch: the cost, which another load on
+            # the machine stretches far less than the wall-clock seconds
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": round(seconds, 4),
+                                   "cpu_seconds": round(time.process_time() - c0, 4),
                                    "images": images, "images_per_s": round(images / max(seconds, 1e-9), 2)}
             row.update({k: round(v, 6) for k, v in _summarise(sums, len(self.loader), images).items()})
             if dev.type == "cuda":

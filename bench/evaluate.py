@@ -172,7 +172,7 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
     if dist.enabled:
         meta["ranks"] = dist.world
     for name in attacks:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         extra: dict = {}
         with torch.autocast(device.type, enabled=False):
             if name == "aa":
@@ -206,6 +206,7 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
         per_point[name] = correct
         c = int(correct.sum())
         results[name] = {"acc": 100.0 * c / n, "correct": c, "n": n, "seconds": round(time.perf_counter() - t0, 3),
+                         "cpu_seconds": round(time.process_time() - c0, 3),
                          "points": encode_points(correct), **extra}
         faults.point("attack")
     if len(per_point) > 1:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fsutil import RunLock, atomic_write_json, atomic_write_text, read_json
+from .errors import BenchError
+from .fsutil import RunLock, atomic_write_json, atomic_write_text, check_inside, read_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -59,6 +60,34 @@ def environment() -> dict[str, Any]:
     return versions
 
 
+class DamagedRecord(BenchError):
+    """A run record (config.json, metrics.jsonl, eval.json) that cannot be read as one: empty, truncated, not
+    JSON, or JSON of the wrong shape. Commands that read many runs list it and go on; ``bench run`` repairs it."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is damaged ({reason})")
+        self.path, self.reason = path, reason
+
+
+def _load_record(path: Path, need: str | None) -> dict[str, Any]:
+    """A JSON object from ``path`` that has the object ``need`` (e.g. ``config``), else :class:`DamagedRecord`."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DamagedRecord(path, "not text") from None
+    if not text.strip():
+        raise DamagedRecord(path, "empty")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DamagedRecord(path, f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise DamagedRecord(path, f"a JSON {type(obj).__name__}, not an object")
+    if need is not None and not isinstance(obj.get(need), dict):
+        raise DamagedRecord(path, f"no {need!r} object in it")
+    return obj
+
+
 @dataclass
 class RunDir:
     path: Path
@@ -69,7 +98,23 @@ class RunDir:
         # names come from registry names, an integer seed and a hash; refuse anything that could leave runs/
         if not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
             raise ValueError(f"unsafe run directory name {name!r}")
-        return cls(Path(cfg.results_dir) / "runs" / name)
+        run = cls(Path(cfg.results_dir) / "runs" / name)
+        run.check_place()
+        return run
+
+    @property
+    def root(self) -> Path:
+        """The results root this run directory lies in (``<root>/runs/<name>``)."""
+        return self.path.parent.parent
+
+    def check_place(self) -> None:
+        """A one-line error unless this run directory can be written where it is: inside the results root (no
+        symbolic link on the way or inside it) and a directory, if it exists."""
+        check_inside(self.root, self.path, "run directory")
+        if self.path.exists() and not self.path.is_dir():
+            raise BenchError(f"run directory {self.path} is a file; accepted: a directory (move the file away)")
+        if (self.path.parent.exists() and not self.path.parent.is_dir()):
+            raise BenchError(f"{self.path.parent} is a file; accepted: a directory holding the run directories")
 
     @property
     def name(self) -> str:
@@ -94,7 +139,7 @@ class RunDir:
         atomic_write_json(self.config, record)
 
     def read_config(self) -> dict[str, Any]:
-        return read_json(self.config)
+        return _load_record(self.config, "config")
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         atomic_write_text(self.metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
@@ -104,11 +149,74 @@ class RunDir:
         starting model, before any training)."""
         if not self.metrics.is_file():
             return []
-        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        rows = []
+        try:
+            lines = self.metrics.read_text().splitlines()
+        except UnicodeDecodeError:
+            raise DamagedRecord(self.metrics, "not text") from None
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DamagedRecord(self.metrics, f"line {i} is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict) or isinstance(row.get("epoch"), bool) or not isinstance(row.get("epoch"),
+                                                                                                  int):
+                raise DamagedRecord(self.metrics, f"line {i} is not an epoch's row")
+            rows.append(row)
         return rows if start else [r for r in rows if r.get("epoch", 1) >= 1]
 
     def read_eval(self) -> dict[str, Any] | None:
-        return read_json(self.eval) if self.eval.is_file() else None
+        return _load_record(self.eval, "results") if self.eval.is_file() else None
+
+    def damage(self) -> list[DamagedRecord]:
+        """The run's records that cannot be read (none for a healthy run)."""
+        out = []
+        for read in (self.read_config if self.config.is_file() else None, self.read_metrics, self.read_eval):
+            if read is None:
+                continue
+            try:
+                got = read()
+            except DamagedRecord as e:
+                out.append(e)
+                continue
+            if read == self.read_metrics and not got and self.is_done():
+                out.append(DamagedRecord(self.metrics, "no epoch's row, in a finished run"))
+        return out
+
+    def weights_mismatch(self) -> str | None:
+        """A one-line reason when the final weights file is not the model ``eval.json`` evaluated (its digest,
+        ``meta.weights_sha256``, differs: the file was modified or replaced since); None when they agree or when
+        there is nothing to compare (no weights here, or no digest recorded)."""
+        if not self.final_weights.is_file():
+            return None
+        try:
+            want = ((self.read_eval() or {}).get("meta") or {}).get("weights_sha256")
+        except DamagedRecord:
+            return None
+        if not want:
+            return None
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from .checkpoint import tensor_digest
+
+        try:
+            got = tensor_digest(load_file(str(self.final_weights)))[:16]
+        except (SafetensorError, OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return f"its final weights {self.final_weights} are unreadable ({first})"
+        if got != want:
+            return (f"its final weights {self.final_weights} (digest {got}) are not the model eval.json evaluated "
+                    f"({want}): modified or replaced since")
+        return None
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a damaged record out of the way (``<name>.damaged``, kept for inspection) so that it is rebuilt."""
+        dest = path.with_name(path.name + ".damaged")
+        os.replace(path, dest)
+        return dest
 
     def add_grid(self, grid: dict[str, Any]) -> None:
         """Record that this run is a point of ``grid`` ({"id", "axes", "point"}) in ``grids.json``."""
@@ -126,7 +234,13 @@ class RunDir:
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary files (``.<name>.<random>.tmp``) a killed writer left behind. Call only while holding
         the run's lock: then no other process is writing here."""
-        stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
+        self.check_place()  # never inside a link to elsewhere
+        stale = []
+        for dirpath, _, filenames in os.walk(self.path):  # (os.walk does not follow links)
+            for n in filenames:
+                p = Path(dirpath) / n
+                if n.startswith(".") and n.endswith(".tmp") and p.is_file() and not p.is_symlink():
+                    stale.append(p)
         for p in stale:
             p.unlink(missing_ok=True)
         return stale
@@ -135,27 +249,48 @@ class RunDir:
         atomic_write_text(self.done, "done\n")
 
     def status(self) -> dict[str, Any]:
-        cfg = self.read_config() if self.config.is_file() else {}
+        """The run's state: done, running (another process holds its lock), partial, empty, or damaged (a record
+        cannot be read: ``damage`` says which and why; ``bench run`` of the run repairs it)."""
+        damage: list[Any] = self.damage()
+        if self.is_done() and not damage:
+            bad = self.weights_mismatch()
+            if bad:
+                damage.append(bad)
+        try:
+            cfg = self.read_config() if self.config.is_file() else {}
+        except DamagedRecord:
+            cfg = {}
         c = cfg.get("config", {})
-        rows = self.read_metrics()
-        epochs = c.get("hp", {}).get("epochs")
-        if self.is_done():
-            state = "done"
-        elif self.lock.is_held_by_other():
+        try:
+            rows = self.read_metrics()
+        except DamagedRecord:
+            rows = []
+        hp = c.get("hp") if isinstance(c.get("hp"), dict) else {}
+        epochs = hp.get("epochs")
+        if self.lock.is_held_by_other():
             state = "running"
+        elif damage:
+            state = "damaged"
+        elif self.is_done():
+            state = "done"
         elif rows or self.config.is_file():
             state = "partial"
         else:
             state = "empty"
-        return {"run": self.name, "state": state, "method": c.get("method"), "dataset": c.get("dataset"),
-                "arch": c.get("arch"), "seed": c.get("seed"), "epoch": len(rows), "epochs": epochs}
+        out = {"run": self.name, "state": state, "method": c.get("method"), "dataset": c.get("dataset"),
+               "arch": c.get("arch"), "seed": c.get("seed"), "epoch": len(rows), "epochs": epochs}
+        if damage:
+            out["damage"] = "; ".join(str(d) for d in damage)
+        return out
 
 
 def list_runs(results_dir: str | os.PathLike = "results") -> list[RunDir]:
     root = Path(results_dir) / "runs"
     if not root.is_dir():
         return []
-    return [RunDir(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "config.json").is_file()]
+    # a run directory that is a link to elsewhere is not one of these results' runs (the suite never writes there)
+    return [RunDir(p) for p in sorted(root.iterdir())
+            if p.is_dir() and not p.is_symlink() and (p / "config.json").is_file()]
 
 
 def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = False):
@@ -171,7 +306,7 @@ def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = F
     rows = []
     for run in list_runs(results_dir):
         st = run.status()
-        if done_only and st["state"] != "done":
+        if (done_only and st["state"] != "done") or st["state"] == "damaged":
             continue
         rec = run.read_config()
         c = rec.get("config", {})

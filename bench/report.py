@@ -91,14 +91,27 @@ class Run:
         return [float(m["seconds"]) for m in self.metrics if m.get("epoch", 0) >= 1 and "seconds" in m]
 
 
-def read_runs(results_dir: str | Path) -> list[Run]:
+def read_runs(results_dir: str | Path, damaged: list[str] | None = None) -> list[Run]:
+    """Every run with records under ``results_dir/runs``; a run whose records cannot be read is left out and
+    described in ``damaged`` (one line each, with the path), so that one bad record never stops a report."""
+    from .records import DamagedRecord
+
     runs = []
     for d in list_runs(results_dir):
         if not d.config.is_file():
             continue
-        rec = d.read_config()
-        runs.append(Run(d, rec.get("config", {}), rec.get("device") or "unknown device",
-                        d.read_metrics(start=True), d.read_eval(), d.read_method_record()))
+        try:
+            dmg = d.damage()
+            if dmg:
+                raise dmg[0]
+            rec = d.read_config()
+            run = Run(d, rec["config"], rec.get("device") or "unknown device", d.read_metrics(start=True),
+                      d.read_eval(), d.read_method_record())
+        except (DamagedRecord, ValueError, OSError) as e:  # (method.json is read as plain JSON)
+            if damaged is not None:
+                damaged.append(f"{d.name}: {e}")
+            continue
+        runs.append(run)
     by_name = {r.name: r for r in runs}
     for r in runs:
         r.setting = setting_key(r, by_name)
@@ -481,10 +494,14 @@ def kendall_tau(xs: list[float], ys: list[float]) -> float | None:
     return None if denom == 0 else (conc - disc) / denom
 
 
-def _run_seconds(run: Run) -> float:
-    """Training plus evaluation seconds of one run (its records' own timings)."""
-    ev = ((run.eval or {}).get("results") or {})
-    return sum(run.seconds) + sum(float(r.get("seconds", 0.0)) for r in ev.values() if isinstance(r, dict))
+def _run_seconds(run: Run, key: str = "seconds") -> float | None:
+    """Training plus evaluation seconds of one run (its records' own timings): wall clock (``seconds``) or this
+    process's CPU time over all its threads (``cpu_seconds``; None for records older than it)."""
+    ev = [r for r in ((run.eval or {}).get("results") or {}).values() if isinstance(r, dict) and "seconds" in r]
+    rows = [m for m in run.metrics if m.get("epoch", 0) >= 1 and "seconds" in m]
+    if any(key not in x for x in rows + ev):
+        return None
+    return sum(float(x[key]) for x in rows + ev)
 
 
 def tier_table(groups: dict[str, Group], runs: list[Run], preset: str = TIER) -> tuple[Any, Any, Any, Any]:
@@ -552,10 +569,13 @@ def tier_table(groups: dict[str, Group], runs: list[Run], preset: str = TIER) ->
     return pd.DataFrame(rows), pd.DataFrame(nums), pd.DataFrame(trows), pd.DataFrame(tnums)
 
 
-def tier_cost(runs: list[Run], preset: str = TIER) -> tuple[int, int, float]:
-    """(finished tier runs, tier runs, CPU seconds of their training and evaluation)."""
+def tier_cost(runs: list[Run], preset: str = TIER) -> tuple[int, int, float, float | None]:
+    """(finished tier runs, tier runs, wall-clock seconds of their training and evaluation, their CPU seconds —
+    None while some record predates ``cpu_seconds``)."""
     tier = [r for r in runs if r.config.get("preset") == preset]
-    return sum(1 for r in tier if r.done), len(tier), sum(_run_seconds(r) for r in tier)
+    cpu = [_run_seconds(r, "cpu_seconds") for r in tier]
+    return (sum(1 for r in tier if r.done), len(tier), sum(_run_seconds(r) or 0.0 for r in tier),
+            None if any(c is None for c in cpu) else sum(cpu))
 
 
 def settings_table(groups: dict[str, Group]) -> Any:
@@ -633,7 +653,10 @@ def build(results_dir: str | Path = "results", out_dir: str | Path | None = None
     out = Path(out_dir) if out_dir is not None else results_dir
     if results_dir.exists() and not results_dir.is_dir():
         raise BenchError(f"--results {results_dir} is a file; accepted: a results directory holding runs/")
-    runs = read_runs(results_dir)
+    damaged: list[str] = []
+    runs = read_runs(results_dir, damaged)
+    for line in damaged:
+        echo(f"damaged (left out of the report): {line}")
     groups = groups_of(runs)
     if not groups:
         raise BenchError(f"no finished runs under {results_dir / 'runs'} to report on; run `bench run` first "
@@ -651,9 +674,10 @@ def build(results_dir: str | Path = "results", out_dir: str | Path | None = None
         files += write_table(display, numeric, tables_dir, name, TITLES[name])
         tables[name] = (TITLES[name], display)
     tdisp, tnum, taudisp, taunum = tier_table(groups, runs)
-    done_tier, all_tier, tier_s = tier_cost(runs)
+    done_tier, all_tier, tier_s, tier_cpu = tier_cost(runs)
+    cpu_h = "" if tier_cpu is None else f", {tier_cpu / 3600:.2f} CPU-hours (process time, all threads)"
     tier_title = TITLES["tier"] + (f"; {done_tier} of {all_tier} runs finished, {tier_s / 3600:.2f} h of training "
-                                   "and evaluation so far" if all_tier else "")
+                                   f"and evaluation so far (wall clock{cpu_h})" if all_tier else "")
     files += write_table(tdisp, tnum, tables_dir, "tier", tier_title)
     tables["tier"] = (tier_title, tdisp)
     files += write_table(taudisp, taunum, tables_dir, "tier_tau", TITLES["tier_tau"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -61,6 +62,20 @@ def _pick(flag, preset_run: dict, key: str, default):
     if flag is not None:
         return flag
     return preset_run.get(key, default)
+
+
+def check_pretrained(path: Path, given: str, arch: str, dataset: str, data_dir: str | None, download: bool) -> None:
+    """A one-line error unless the ``--pretrained`` weights can be read (weights only) and loaded into ``arch``
+    for ``dataset`` (its classes and channels)."""
+    from .data import planned_dataset
+    from .models import create_model
+    from .models.loading import load_weights
+
+    ds = planned_dataset(dataset, data_dir, download)
+    try:
+        load_weights(create_model(arch, ds.num_classes, ds.channels), path)
+    except BenchError as e:
+        raise BenchError(f"--pretrained {given}: {e}") from None
 
 
 def resolve_pretrained(path: str) -> tuple[Path, str | None]:
@@ -143,6 +158,12 @@ def plan(req: RunRequest) -> list[Planned]:
     overrides = {"epochs": req.epochs, "batch_size": req.batch_size, "lr": req.lr}
     pretrained_id, pretrained_path = None, None
     if req.pretrained is not None:
+        scratch = [m for m in methods if METHODS.get(m).starts_from == "scratch"]
+        if scratch:
+            raise BenchError(f"--pretrained {req.pretrained} is for methods that start from a trained model; "
+                             f"{', '.join(scratch)} train{'s' if len(scratch) == 1 else ''} from scratch and would "
+                             "ignore it; accepted: drop --pretrained, or run only fine-tuning methods with it "
+                             "(bench list shows what each starts from)")
         pretrained_path, pretrained_method = resolve_pretrained(req.pretrained)
         pretrained_id = f"file:{file_digest(pretrained_path)}"
         for m in methods:
@@ -154,6 +175,8 @@ def plan(req: RunRequest) -> list[Planned]:
     # the data by content, in every run's identity: loads (decodes once into the cache) and refuses a --data-dir
     # that does not exist, before anything is written, also when the runs are done
     data = data_fingerprint(dataset, req.data_dir, req.download)
+    if pretrained_path is not None:  # readable, and fits the architecture: before any run directory is made
+        check_pretrained(pretrained_path, req.pretrained, arch, dataset, req.data_dir, req.download)
     common = dict(dataset=dataset, arch=arch, preset=preset["name"], precision=precision, attacks=attacks, data=data,
                   normalize=bool(_pick(req.normalize, run, "normalize", False)),
                   channels_last=bool(_pick(req.channels_last, run, "channels_last", False)),
@@ -234,10 +257,12 @@ class Runner:
                              "again (bench run / bench sweep) to train on the data as it is now")
         return ds
 
-    def execute(self, cfg: RunConfig, base: RunConfig | None = None, grid: dict[str, Any] | None = None) -> RunDir:
+    def execute(self, cfg: RunConfig, base: RunConfig | None = None, grid: dict[str, Any] | None = None,
+                needed_by: RunConfig | None = None) -> RunDir | None:
         """Train (or resume) and evaluate one run, after its starting model ``base``; a finished run only gets
         the evaluations it lacks. ``grid``: the grid of ``--set`` values the run is a point of (recorded in its
-        ``grids.json``; a run may belong to several grids)."""
+        ``grids.json``; a run may belong to several grids). A run that another process holds is a one-line error,
+        unless it is the starting model of ``needed_by``: then None (the caller waits for it)."""
         from .engine import Trainer, evaluate_heads, evaluate_run, record_tsne, run_device_name
 
         d = self.dist
@@ -247,13 +272,25 @@ class Runner:
             if not base_run.is_done():
                 self.echo(f"[{cfg.method} s{cfg.seed}] needs the {base.method} model {base.run_name}: training it "
                           "first")
-            self.execute(base)
+            # another process may take the base's lock in the same instant: then wait for it, as for one that
+            # started earlier, and go on with the model it made
+            while not self.execute(base, needed_by=cfg):
+                self._wait_while_locked(base_run, f"[{cfg.method} s{cfg.seed}] needs the {base.method} model")
             if not base_run.final_weights.is_file():
                 raise BenchError(f"the {base.method} run {base_run.path} is recorded as done but its weights "
                                  f"({base_run.final_weights}, never in git) are not here; pass --pretrained PATH "
                                  "or delete that run directory to train it again")
         run = RunDir.for_config(cfg)
         device = run_device_name(cfg, d)
+        if d.agree(bool(run.damage())):
+            if d.agree(d.main_only(lambda: self._repair(cfg, run, device, needed_by), f"repairing {run.name}")
+                       ) is False:
+                return None  # another process holds it (a starting model): the caller waits
+        if run.is_done():
+            bad = d.agree(run.weights_mismatch())
+            if bad:
+                raise BenchError(f"run {run.name}: {bad}; accepted: restore that file, or delete {run.ckpt_dir} and "
+                                 f"{run.done} to train the run again")
         if grid and d.is_main:
             run.add_grid(grid)
         if d.agree(completion(cfg, run)) == "complete":
@@ -262,13 +299,19 @@ class Runner:
         dataset = self.dataset(cfg)
         lock = run.lock
 
-        def take() -> None:
-            lock.acquire()
+        def take() -> bool:
+            if not lock.try_acquire():
+                if needed_by is not None:
+                    return False
+                raise lock._busy()
             run.remove_stale_temporaries()
             if not run.config.is_file():
                 run.write_config(cfg, device)
+            return True
 
-        d.main_only(take, f"taking the lock of {run.name}")  # a run in use elsewhere stops every rank
+        # a run in use elsewhere stops every rank (or, for a starting model, sends every rank back to waiting)
+        if not d.agree(d.main_only(take, f"taking the lock of {run.name}")):
+            return None
         try:
             if d.agree(run.is_done()):  # (finished by another process while this one waited)
                 evaluate_run(cfg, dataset, run, progress=self.progress, echo=self.echo, dist=d)
@@ -288,6 +331,43 @@ class Runner:
         finally:
             lock.release()
         return run
+
+    def _repair(self, cfg: RunConfig, run: RunDir, device: str, needed_by: RunConfig | None) -> bool:
+        """Repair the damaged records of ``run`` under its lock (False: another process holds it and this is a
+        starting model to wait for): a damaged config.json is rewritten from the plan, a damaged eval.json is
+        evaluated again, a damaged metrics.jsonl is rebuilt from the last checkpoint (which holds every row) or, for a
+        run not yet done, by its resumed training. Each damaged file is kept beside as ``<name>.damaged``. A done run
+        whose rows no checkpoint holds is refused."""
+        from .checkpoint import CorruptCheckpoint, load_state
+
+        lock = run.lock
+        if not lock.try_acquire():
+            if needed_by is not None:
+                return False
+            raise lock._busy()
+        try:
+            for err in run.damage():
+                kept = run.set_aside(err.path)
+                if err.path == run.config:
+                    run.write_config(cfg, device)
+                elif err.path == run.metrics and run.is_done():
+                    last = run.ckpt_dir / "last.safetensors"
+                    try:
+                        state = load_state(last) if last.is_file() else None
+                    except CorruptCheckpoint:
+                        state = None
+                    if state is None or state.get("run_hash") != cfg.run_hash:
+                        os.replace(kept, err.path)  # nothing better to offer: leave it as it was
+                        raise BenchError(f"run {run.name}: {err}, and no checkpoint holds its rows ({last}); "
+                                         f"accepted: delete {run.path} to train the run again")
+                    run.write_metrics(list(state["metrics"]))
+                self.echo(f"[{cfg.method} s{cfg.seed}] {err}: kept as {kept.name}, "
+                          + ("rewritten from the plan" if err.path == run.config else
+                             "evaluated again" if err.path == run.eval else
+                             "rebuilt from the last checkpoint" if run.is_done() else "rebuilt by the resumed training"))
+        finally:
+            lock.release()
+        return True
 
     def _wait_while_locked(self, run: RunDir, what: str, poll_s: float = 10.0) -> None:
         """Wait while another live process holds ``run`` (e.g. a sweep job training a base run several runs need),

@@ -198,15 +198,9 @@ def run_state(cfg: RunConfig, running: set[str]) -> str:
 
 
 def _lock_is_live(run: RunDir) -> bool:
-    """The run's lock is held by a live process: on this host, by its pid; on another, unless it names a Slurm job
-    that the scheduler no longer runs (a job killed hard leaves its lock behind)."""
-    lock = run.lock
-    if not lock.is_held_by_other():
-        return False
-    holder, job = lock.holder(), lock.holder_job()
-    if holder is not None and holder[0] != socket.gethostname() and job is not None:
-        return JobBook.active({"cluster": "slurm", "job_id": job, "folder": str(run.path)})
-    return True
+    """A process holds the run's lock now: the kernel's (or, on NFS, the file server's) flock, which a killed job
+    does not keep, on this host or another."""
+    return run.lock.is_held_by_other()
 
 
 @dataclass

@@ -48,8 +48,31 @@ def resumed_equals_straight(cfg, dataset, root, init_weights=None, stop_after=2)
             assert torch.equal(va, mb[key]), key
 
     def untimed(d):
-        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}
+        return [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds", "images_per_s")}
                 for r in RunDir(root / d).read_metrics(start=True)]
 
     assert untimed("a") == untimed("b")
     return a, b
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from bench.fsutil import RunLock
+lock = RunLock(Path(sys.argv[1]))
+lock.acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold_lock(run_dir, seconds=60.0):
+    """A separate process that takes the run's lock (the real flock) and holds it for ``seconds`` (or until killed);
+    returns its Popen once it holds the lock."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir), str(seconds)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p

@@ -56,3 +56,55 @@ def test_a_foreign_safetensors_file_is_not_taken_for_a_state(tmp_path):
     save_file({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
     with pytest.raises(CorruptCheckpoint, match="not an aft-bench state"):
         load_state(tmp_path / "x.safetensors")
+
+
+def _edit_header(path, edit):
+    """Rewrite a safetensors file's JSON header (its metadata) with ``edit(meta)``, keeping every tensor byte."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    edit(header["__metadata__"])
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+
+
+@pytest.mark.parametrize("field,value", [("epochs_done", 5), ("loss", 0.01)])
+def test_an_edited_header_is_detected_and_the_previous_checkpoint_used(tmp_path, field, value):
+    """The skeleton (epochs done, losses: every number that is not a tensor) is covered by the digest too."""
+    import json
+
+    prev, last = tmp_path / "prev.safetensors", tmp_path / "last.safetensors"
+    save_state(prev, {"epochs_done": 1, "loss": 0.9, "w": torch.zeros(10)})
+    save_state(last, {"epochs_done": 2, "loss": 0.5, "w": torch.ones(10)})
+
+    def edit(meta):
+        skel = json.loads(meta["skeleton"])
+        for pair in skel["__dict__"]:
+            if pair[0] == field:
+                pair[1] = value
+        meta["skeleton"] = json.dumps(skel)
+
+    _edit_header(last, edit)
+    with pytest.raises(CorruptCheckpoint, match="fails its SHA-256 check"):
+        load_state(last)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        state, path = load_latest([last, prev])
+    assert path == prev and state["epochs_done"] == 1
+    # a forged format name does not get the file checked the old (tensors-only) way
+    _edit_header(last, lambda m: m.update(format="aft-bench-state/1"))
+    with pytest.raises(CorruptCheckpoint, match="fails its SHA-256 check"):
+        load_state(last)
+
+
+def test_an_unreadable_file_is_named_in_one_whole_line(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all, and long enough to be cut " + b"y" * 300)
+    with pytest.raises(CorruptCheckpoint) as e:
+        load_state(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint {bad} is unreadable (") and msg.endswith(")")

@@ -161,16 +161,18 @@ def test_a_second_process_on_the_same_run_is_told_who_holds_it(capsys, monkeypat
     req = RunRequest(preset="smoke", methods=["natural"], subset=10, epochs=1, attacks="clean", eval_n=20,
                      probe_n=4, device="cpu", results_dir=str(results))
     run = RunDir.for_config(plan(req)[0].cfg)
-    holder = subprocess.Popen(["sleep", "30"])
+    from helpers import hold_lock
+
+    holder = hold_lock(run.path)
     try:
-        run.path.mkdir(parents=True)
-        (run.path / ".lock").write_text(f"{socket.gethostname()} {holder.pid}\n")
         code, _, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--results", str(results))
-        assert code == 2 and f"is in use by process {holder.pid}" in err
+        assert code == 2 and f"is in use by process {holder.pid} on {socket.gethostname()}" in err
+        assert len(err.strip().splitlines()) == 1
     finally:
         holder.kill()
         holder.wait()
-    # the holder is dead now: its lock is stale and taken over
+    # the holder is dead now: the kernel released its lock (the file, naming it, is still there)
+    assert (run.path / ".lock").read_text().split()[1] == str(holder.pid)
     code, _, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--results", str(results))
     assert code == 0, err
-    assert run.is_done() and not (run.path / ".lock").exists()
+    assert run.is_done() and (run.path / ".lock").read_text() == ""  # released: it names nobody

@@ -106,9 +106,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(1)}, "x": Evil()}, path)
-    with pytest.raises(BenchError, match="cannot be read as weights only"):
+    with pytest.raises(BenchError, match="cannot be read as weights only") as e:
         load_weights(create_model("smallcnn", 10), path)
     assert not marker.exists()
+    # the message names what was refused, whole, on one line (not torch's boilerplate cut at a width)
+    msg = str(e.value)
+    assert "\n" not in msg and "names the global posix.system" in msg
+    assert msg.endswith("convert it to a plain state dict or safetensors")
 
 
 def test_foreign_weights_run_raw_unless_normalize_is_given():

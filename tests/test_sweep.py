@@ -125,12 +125,15 @@ def test_runs_held_by_a_live_job_or_process_are_not_launched(tmp_path):
              "folder": None, "runs": [names[0]], "phase": "run"},
             {"job_id": "1", "cluster": "local", "host": socket.gethostname(), "pid": 2 ** 22 + 7, "folder": None,
              "runs": [names[1]], "phase": "run"}])  # a dead process: not running
-        lock = tmp_path / "results" / "runs" / names[2] / ".lock"
-        lock.parent.mkdir(parents=True)
-        lock.write_text(f"{socket.gethostname()} {sleeper.pid}\n")  # a live process trains the third run
+        from helpers import hold_lock
+
+        holder = hold_lock(tmp_path / "results" / "runs" / names[2])  # a live process trains the third run
         sp = make_plan(spec)
         assert [sp.states[n] for n in names] == ["running", "todo", "running"]
         assert [u.name for u in sp.todo] == [names[1]]
+        holder.kill()
+        holder.wait()
+        assert make_plan(spec).states[names[2]] == "todo"  # its lock died with it
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -237,18 +240,17 @@ def test_a_run_waits_for_the_base_run_another_process_is_training(tmp_path):
     import threading
 
     from bench.runner import Runner
+    from helpers import hold_lock
 
     (p,) = plan(_req(tmp_path, methods=["vaft"]))
     base_run = RunDir.for_config(p.base)
-    base_run.path.mkdir(parents=True)
-    sleeper = subprocess.Popen(["sleep", "60"])
-    (base_run.path / ".lock").write_text(f"{socket.gethostname()} {sleeper.pid}\n")
-    threading.Timer(1.5, lambda: (sleeper.kill(), sleeper.wait())).start()
+    holder = hold_lock(base_run.path)
+    threading.Timer(1.5, lambda: (holder.kill(), holder.wait())).start()
     said, t0 = [], time.time()
     Runner(progress=False, echo=said.append)._wait_while_locked(base_run, "[vaft s0] needs the natural model",
                                                                 poll_s=0.1)
     assert time.time() - t0 >= 1.4
-    assert said and f"process {sleeper.pid}" in said[0] and "is training: waiting for it" in said[0]
+    assert said and f"process {holder.pid}" in said[0] and "is training: waiting for it" in said[0]
 
 
 def test_a_job_with_two_tasks_is_one_ddp_run(tmp_path):
@@ -334,24 +336,18 @@ def test_each_slurm_job_waits_only_for_its_own_base(tmp_path, monkeypatch):
     assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
 
 
-def test_a_requeued_slurm_job_takes_over_its_own_lock_on_another_node(tmp_path, monkeypatch):
-    """A job killed hard leaves its run's lock; requeued (same job id) on another node it takes the lock over, and
-    a sweep does not count a run as running when its lock names a job the scheduler no longer runs."""
+def test_a_killed_jobs_lock_is_free_on_any_node(tmp_path, monkeypatch):
+    """A job killed hard leaves its lock file (naming it) but not the lock: the kernel released it, so the
+    requeued job takes it on any node, and a sweep does not count the run as running."""
     import bench.sweep as sweep
     from bench.fsutil import RunLock
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
-    (run.path / ".lock").write_text("node07 4242 777\n")
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert RunLock(run.path).is_held_by_other()
-    with pytest.raises(BenchError, match="in use by process 4242 on node07"):
-        RunLock(run.path).acquire()
-    monkeypatch.setattr(sweep.JobBook, "active", staticmethod(lambda job: job["job_id"] != "777"))
-    assert not sweep._lock_is_live(run)  # job 777 is over: a stale lock
-    monkeypatch.setenv("SLURM_JOB_ID", "777")  # the requeued job itself
+    (run.path / ".lock").write_text("node07 4242 777\n")  # what a job killed on node07 leaves
+    monkeypatch.setenv("SLURM_JOB_ID", "777")  # the requeued job itself, here
+    assert not RunLock(run.path).is_held_by_other() and not sweep._lock_is_live(run)
     lock = RunLock(run.path)
-    assert not lock.is_held_by_other()
     lock.acquire()
     assert (run.path / ".lock").read_text().split()[1:] == [str(os.getpid()), "777"]
     lock.release()

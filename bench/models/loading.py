@@ -47,13 +47,29 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         except BenchError:
             raise
         except Exception as e:
-            raise BenchError(f"checkpoint {path} is not a readable safetensors file ({str(e)[:100]})") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BenchError(f"checkpoint {path} is not a readable safetensors file ({first})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BenchError(f"checkpoint {path} cannot be read as weights only ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]}); convert it to a plain state dict or safetensors") from None
+        raise BenchError(f"checkpoint {path} cannot be read as weights only: {_refusal(e)}; convert it to a plain "
+                         "state dict or safetensors") from None
     return unwrap(obj, str(path))
+
+
+def _refusal(e: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in one whole line: the global (class or callable) the
+    pickle names when that is the reason, else the first line of the error that is not torch's boilerplate."""
+    import re
+
+    text = str(e)
+    m = re.search(r"(?:unsupported|Unsupported global:)\s+GLOBAL\s+([\w.]+)", text)
+    if m:
+        return (f"it names the global {m.group(1)}, which weights-only loading refuses (unpickling it could run "
+                "code)")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Weights only load failed")
+             and "weights_only" not in ln and not ln.startswith("Check the documentation")]
+    return f"{type(e).__name__}: {lines[0] if lines else 'unreadable'}"
 
 
 def unwrap(obj, where: str = "checkpoint") -> dict[str, torch.Tensor]:
