@@ -76,3 +76,19 @@ def hold_lock(run_dir, seconds=60.0):
                          text=True)
     assert p.stdout.readline().strip() == "held"
     return p
+
+
+def bench_cli(capsys, monkeypatch, *args):
+    """Run ``bench ARGS`` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from bench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["bench", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -2,22 +2,13 @@
 good input runs, records, reports status and evaluates."""
 import json
 import re
-import sys
 
 import pytest
 
-from bench.cli import main
+from helpers import bench_cli
 
 
-def bench(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+bench = bench_cli
 
 
 SMALL = ["--preset", "smoke", "--subset", "10", "--epochs", "1", "--attacks", "clean", "--eval-n", "20",

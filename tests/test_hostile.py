@@ -5,12 +5,11 @@ written."""
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from bench.cli import main
+from helpers import bench_cli
 from bench.records import RunDir
 from bench.runner import RunRequest, plan
 
@@ -18,15 +17,7 @@ SMALL = ["--preset", "smoke", "--subset", "10", "--epochs", "1", "--attacks", "c
          "--probe-n", "4", "--device", "cpu", "-q"]
 
 
-def bench(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["bench", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+bench = bench_cli
 
 
 def one_line(code, err, *fragments):
