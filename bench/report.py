@@ -679,9 +679,10 @@ def build(results_dir: str | Path = "results", out_dir: str | Path | None = None
     tier_title = TITLES["tier"] + (f"; {done_tier} of {all_tier} runs finished, {tier_s / 3600:.2f} h of training "
                                    f"and evaluation so far (wall clock{cpu_h})" if all_tier else "")
     files += write_table(tdisp, tnum, tables_dir, "tier", tier_title)
-    tables["tier"] = (tier_title, tdisp)
     files += write_table(taudisp, taunum, tables_dir, "tier_tau", TITLES["tier_tau"])
-    tables["tier_tau"] = (TITLES["tier_tau"], taudisp)
+    if all_tier:  # the page shows the tier only where there are tier runs (the files are always written)
+        tables["tier"] = (tier_title, tdisp)
+        tables["tier_tau"] = (TITLES["tier_tau"], taudisp)
     st = settings_table(groups)
     files += write_table(st, st, tables_dir, "settings", TITLES["settings"])
     tables["settings"] = (TITLES["settings"], st)

@@ -283,6 +283,8 @@ def test_the_cpu_tier_gets_its_own_table_with_seeds_times_and_tau(tmp_path):
     """Tier runs (preset cpu, a small CNN) never enter Table 1; the tier table aggregates their seeds, counts the
     pre-training into the total time, and ranks the methods against the paper's Table 1 with Kendall's τ."""
     fixed_records(tmp_path)
+    build(tmp_path, echo=lambda s: None)  # no tier run yet: the page has no tier section (its files are written)
+    assert 'id="tier"' not in (tmp_path / "index.html").read_text() and (tmp_path / "tables" / "tier.md").exists()
     nat = [write_run(tmp_path, "natural", s, arch="smallvgg", preset="cpu", seconds=(40.0,) * 3,
                      accs={"clean": 82.0 + s, "pgd20": 0.0, "aa": 0.0}) for s in (0, 1, 2)]
     # the paper's CIFAR-10 order: AFD 84.88/52.70/47.40 > ARREST 85.71/51.23/46.23 > vAFT 83.93/51.40/45.48 (AA)
@@ -296,6 +298,8 @@ def test_the_cpu_tier_gets_its_own_table_with_seeds_times_and_tau(tmp_path):
     build(tmp_path, echo=lambda s: None)
     t1 = (tmp_path / "tables" / "table1.md").read_text()
     assert "smallvgg" not in t1 and "cpu·" not in t1
+    page = (tmp_path / "index.html").read_text()
+    assert 'id="tier"' in page and 'id="tier_tau"' in page
     tier = _rows(tmp_path / "tables" / "tier.csv")
     assert list(tier["method"]) == ["natural", "vaft", "arrest", "afd"]  # the paper's row order
     afd = tier[tier["method"] == "afd"].iloc[0]
