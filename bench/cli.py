@@ -306,15 +306,14 @@ def sweep_cmd(launcher, gpus_per_run, parallel, partition, time_min, array_paral
 def _check_results_dir(path: str, option: str = "--results", write: bool = True) -> None:
     """A one-line error, before anything is written, for a results (or output) directory that cannot be one: an
     empty name, a file, under a file, a symbolic link inside it to elsewhere, or (``write``) not writable."""
-    from .fsutil import check_writable_dir
+    from .fsutil import check_inside, check_writable_dir
 
     check_writable_dir(path, option, write=write)
     p = Path(path)
     for sub in ("runs", "sweeps", "tables", "figures"):
         q = p / sub
-        if q.is_symlink():
-            raise BenchError(f"{option} {path}: {q} is a symbolic link (to {os.readlink(q)}); the suite writes only "
-                             f"inside the results root: accepted: a real directory (remove the link)")
+        if q.is_symlink():  # (only the link itself here: what is below is checked where each run is written)
+            check_inside(p, q, what=f"{option} {path}:")
         if q.exists() and not q.is_dir():
             raise BenchError(f"{option} {path}: {q} is a file; accepted: a directory")
 

@@ -172,27 +172,38 @@ class RunDir:
 
     def damage(self) -> list[DamagedRecord]:
         """The run's records that cannot be read (none for a healthy run)."""
-        out = []
-        for read in (self.read_config if self.config.is_file() else None, self.read_metrics, self.read_eval):
-            if read is None:
-                continue
-            try:
-                got = read()
-            except DamagedRecord as e:
-                out.append(e)
-                continue
-            if read == self.read_metrics and not got and self.is_done():
-                out.append(DamagedRecord(self.metrics, "no epoch's row, in a finished run"))
-        return out
+        return self._read_all()[3]
 
-    def weights_mismatch(self) -> str | None:
+    def _read_all(self) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None, list[DamagedRecord]]:
+        """(config record or {}, metrics rows, eval record or None, what of them is damaged), each read once."""
+        cfg: dict[str, Any] = {}
+        rows: list[dict[str, Any]] = []
+        ev: dict[str, Any] | None = None
+        out: list[DamagedRecord] = []
+        try:
+            cfg = self.read_config() if self.config.is_file() else {}
+        except DamagedRecord as e:
+            out.append(e)
+        try:
+            rows = self.read_metrics()
+            if not rows and self.is_done():
+                out.append(DamagedRecord(self.metrics, "no epoch's row, in a finished run"))
+        except DamagedRecord as e:
+            out.append(e)
+        try:
+            ev = self.read_eval()
+        except DamagedRecord as e:
+            out.append(e)
+        return cfg, rows, ev, out
+
+    def weights_mismatch(self, ev: dict[str, Any] | None = None) -> str | None:
         """A one-line reason when the final weights file is not the model ``eval.json`` evaluated (its digest,
         ``meta.weights_sha256``, differs: the file was modified or replaced since); None when they agree or when
-        there is nothing to compare (no weights here, or no digest recorded)."""
+        there is nothing to compare (no weights here, or no digest recorded). ``ev``: eval.json, if already read."""
         if not self.final_weights.is_file():
             return None
         try:
-            want = ((self.read_eval() or {}).get("meta") or {}).get("weights_sha256")
+            want = ((ev if ev is not None else self.read_eval() or {}).get("meta") or {}).get("weights_sha256")
         except DamagedRecord:
             return None
         if not want:
@@ -251,20 +262,13 @@ class RunDir:
     def status(self) -> dict[str, Any]:
         """The run's state: done, running (another process holds its lock), partial, empty, or damaged (a record
         cannot be read: ``damage`` says which and why; ``bench run`` of the run repairs it)."""
-        damage: list[Any] = self.damage()
+        cfg, rows, ev, found = self._read_all()
+        damage: list[Any] = list(found)
         if self.is_done() and not damage:
-            bad = self.weights_mismatch()
+            bad = self.weights_mismatch(ev)
             if bad:
                 damage.append(bad)
-        try:
-            cfg = self.read_config() if self.config.is_file() else {}
-        except DamagedRecord:
-            cfg = {}
-        c = cfg.get("config", {})
-        try:
-            rows = self.read_metrics()
-        except DamagedRecord:
-            rows = []
+        c = cfg.get("config", {}) if isinstance(cfg, dict) else {}
         hp = c.get("hp") if isinstance(c.get("hp"), dict) else {}
         epochs = hp.get("epochs")
         if self.lock.is_held_by_other():

@@ -7,7 +7,8 @@ from bench.models import MODELS, create_model
 from bench.models.loading import load_weights
 
 
-@pytest.mark.parametrize("arch,d", [("resnet18", 512), ("preactresnet18", 512), ("resnet50", 2048), ("smallcnn", 64)])
+@pytest.mark.parametrize("arch,d", [("resnet18", 512), ("preactresnet18", 512), ("resnet50", 2048), ("smallcnn", 64),
+                                    ("smallcnn-x2", 128), ("smallvgg", 128)])
 def test_contract_features_and_fc(arch, d):
     m = create_model(arch, 7).eval()
     x = torch.rand(2, 3, 32, 32)
@@ -27,7 +28,26 @@ def test_paper_sizes():
     assert wrn.feature_dim == 640 and abs(sum(p.numel() for p in wrn.parameters()) - 46.16e6) < 0.1e6
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "preactresnet18", "smallcnn"])
+def test_the_small_cnns_have_their_documented_shapes_and_smallcnn_weights_keep_their_names():
+    """smallcnn's parameter names and shapes are those of the one-conv-per-stage model its records were trained
+    with (so old smallcnn weights load); the CPU tier's candidates have the sizes bench/configs/cpu.toml states, and
+    every model halves the resolution three times (32 → 4 before the pooling)."""
+    def params(arch):
+        return sum(p.numel() for p in create_model(arch, 10).parameters())
+
+    sd = create_model("smallcnn", 10).state_dict()
+    convs = {k: tuple(v.shape) for k, v in sd.items() if k.endswith(".weight") and v.dim() == 4}
+    assert convs == {"body.0.weight": (8, 3, 3, 3), "body.3.weight": (16, 8, 3, 3), "body.6.weight": (32, 16, 3, 3),
+                     "body.9.weight": (64, 32, 3, 3)}
+    assert {f"body.{i}.running_mean" for i in (1, 4, 7, 10)} <= set(sd) and tuple(sd["fc.weight"].shape) == (10, 64)
+    assert (params("smallcnn"), params("smallcnn-x2"), params("smallvgg")) == (25_298, 98_970, 295_290)
+    for arch, convs_n in (("smallcnn", 4), ("smallcnn-x2", 4), ("smallvgg", 8)):
+        m = create_model(arch, 10).eval()
+        assert sum(isinstance(x, torch.nn.Conv2d) for x in m.body) == convs_n
+        assert m.body(torch.rand(1, 3, 32, 32)).shape[-2:] == (4, 4)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preactresnet18", "smallcnn", "smallvgg"])
 def test_stem_adapts_to_64px_and_one_channel(arch):
     m = create_model(arch, 200).eval()
     assert m(torch.rand(1, 3, 64, 64)).shape == (1, 200)
