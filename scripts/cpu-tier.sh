@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU tier (bench/configs/cpu.toml) in the order that makes partial results useful first: seed 0 of the AFT
-# core (natural, vAFT, AFKD, ARREST, AFD), PGD-AT, the rest of the from-scratch family, RiFT (with its own PGD-AT
-# base), the ablation variants, seeds 1 and 2 of the AFT core, then AFD's Fig. 4 grid (seed 0, one of α, β, γ at ½ and
+# core (natural, vAFT, AFKD, ARREST, AFD), PGD-AT and RiFT right after it (its PGD-AT base is that run: weights are not
+# committed, so a base and what fine-tunes from it are best trained in one sitting), the rest of the from-scratch
+# family (TRADES, the dearest, last), the ablation variants, seeds 1 and 2 of the AFT core, then AFD's Fig. 4 grid (seed 0, one of α, β, γ at ½ and
 # 2× its default, the others at theirs; Clean and PGD-20 only: the all-default seed-0 run is each curve's middle). Every `bench run` skips finished runs and
 # resumes partial ones, so running this again after an interruption carries on where it stopped.
 #
@@ -16,8 +17,8 @@ RESULTS=${RESULTS:-results}
 run() { echo "=== $(date -u +%FT%TZ) bench run --preset cpu $*"; bench run --preset cpu --data-dir "$DATA" --results "$RESULTS" -q "$@"; }
 run --methods natural,vaft,afkd,arrest,afd --seeds 0
 run --methods pgd-at --seeds 0
-run --methods trades,fgsm-rs,free-at,atas,fgsm-ga --seeds 0
 run --methods rift --seeds 0
+run --methods fgsm-rs,free-at,atas,fgsm-ga,trades --seeds 0
 run --methods afd-literal,vaft+d,vaft+a --seeds 0
 run --methods natural,vaft,afkd,arrest,afd --seeds 1,2
 for hp in alpha=0.025,0.1 beta=0.125,0.5 gamma=12.5,50; do
