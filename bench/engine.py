@@ -512,6 +512,18 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
     if not dist.is_main:
         progress, echo = False, (lambda s: None)
     existing = dist.agree(run.read_eval()) or {"results": {}, "meta": {}}
+    from .evaluate import weights_digest
+
+    was = (existing.get("meta") or {}).get("weights_sha256")
+    if was and existing["results"] and was != weights_digest(model.float()):
+        # what eval.json holds measured other weights (the run was trained again from scratch after its checkpoints
+        # were lost): none of it describes this model
+        if dist.is_main:
+            stale = run.eval.with_name("eval.json.stale")
+            os.replace(run.eval, stale)
+        echo(f"[{cfg.method} s{cfg.seed}] eval.json measured other weights (digest {was}, these: "
+             f"{weights_digest(model)}): kept as eval.json.stale, evaluating this model afresh")
+        existing = {"results": {}, "meta": {}}
     groups: dict[int | None, list[str]] = {}
     for a in cfg.attacks:
         if a not in existing["results"]:

@@ -123,8 +123,8 @@ class RunDir:
     config = property(lambda self: self.path / "config.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     eval = property(lambda self: self.path / "eval.json")
-    method_record = property(lambda self: self.path / "method.json")
-    grids = property(lambda self: self.path / "grids.json")  # the --set grids this run is a point of  # what a method's stages found (RiFT)
+    method_record = property(lambda self: self.path / "method.json")  # what a method's stages found (RiFT)
+    grids = property(lambda self: self.path / "grids.json")  # the --set grids this run is a point of
     done = property(lambda self: self.path / "done")
     ckpt_dir = property(lambda self: self.path / "ckpt")
     final_weights = property(lambda self: self.path / "ckpt" / "model.safetensors")

@@ -266,6 +266,8 @@ class Runner:
         from .engine import Trainer, evaluate_heads, evaluate_run, record_tsne, run_device_name
 
         d = self.dist
+        if base is not None and d.agree(completion(cfg, RunDir.for_config(cfg)) != "train"):
+            base = None  # trained already: evaluating or completing it needs its own weights, not its starting model's
         if base is not None:
             base_run = RunDir.for_config(base)
             self._wait_while_locked(base_run, f"[{cfg.method} s{cfg.seed}] needs the {base.method} model")
@@ -276,10 +278,8 @@ class Runner:
             # started earlier, and go on with the model it made
             while not self.execute(base, needed_by=cfg):
                 self._wait_while_locked(base_run, f"[{cfg.method} s{cfg.seed}] needs the {base.method} model")
-            if not base_run.final_weights.is_file():
-                raise BenchError(f"the {base.method} run {base_run.path} is recorded as done but its weights "
-                                 f"({base_run.final_weights}, never in git) are not here; pass --pretrained PATH "
-                                 "or delete that run directory to train it again")
+            if d.agree(not base_run.final_weights.is_file()):
+                self._rebuild_weights(base, base_run, cfg)
         run = RunDir.for_config(cfg)
         device = run_device_name(cfg, d)
         if d.agree(bool(run.damage())):
@@ -331,6 +331,58 @@ class Runner:
         finally:
             lock.release()
         return run
+
+    def _rebuild_weights(self, base: RunConfig, base_run: RunDir, cfg: RunConfig) -> None:
+        """The starting model ``base`` is recorded as done but its weights are not here (they are never in git: a
+        clone of the results, or another sitting): train it again in ``ckpt/rebuild/`` of its run directory, under
+        its lock, leaving its records untouched. When the rebuilt weights are the model its ``eval.json`` evaluated
+        (same digest: the same machine kind and torch), they become its final weights; otherwise they are kept
+        there and the run stops with a one-line error (fine-tuning from a model the record does not describe would
+        make a run whose hash promises what it does not hold)."""
+        import shutil
+
+        from .checkpoint import tensor_digest
+        from .engine import Trainer
+        from .fsutil import check_inside
+
+        d = self.dist
+        scratch = RunDir(base_run.ckpt_dir / "rebuild")
+        check_inside(base_run.root, scratch.path, "rebuild directory")
+        want = d.agree(((base_run.read_eval() or {}).get("meta") or {}).get("weights_sha256"))
+        self._wait_while_locked(base_run, f"[{cfg.method} s{cfg.seed}] needs the {base.method} model")
+        lock = base_run.lock
+        if not d.agree(d.main_only(lock.try_acquire, f"taking the lock of {base_run.name}")):
+            raise lock._busy()
+        try:
+            if d.agree(base_run.final_weights.is_file()):  # (rebuilt by another process while this one waited)
+                return
+            self.echo(f"[{cfg.method} s{cfg.seed}] the {base.method} run {base_run.name} is done but its weights "
+                      f"(never in git) are not here: training it again in {scratch.path} to rebuild them")
+            d.main_only(lambda: (scratch.path.mkdir(parents=True, exist_ok=True), scratch.remove_stale_temporaries(),
+                                 scratch.config.is_file() or scratch.write_config(base, "rebuild")),
+                        f"preparing {scratch.path}")
+            trainer = Trainer(base, self.dataset(base), scratch, init_weights=base.pretrained_path,
+                              progress=self.progress, echo=self.echo, dist=d)
+            trainer.resume()
+            trainer.train()
+            got = tensor_digest(trainer.export().state_dict())[:16]
+            if want and got != want:
+                raise BenchError(
+                    f"the {base.method} run {base_run.path} is done but its weights are not here, and training it "
+                    f"again gave other weights (digest {got}, evaluated: {want}; another machine kind or torch: see "
+                    f"the README on what a run hash promises), kept in {scratch.path}; accepted: --pretrained "
+                    f"{scratch.path} to fine-tune from them, or delete {base_run.path} to train and evaluate it again")
+
+            def install() -> None:
+                os.replace(scratch.final_weights, base_run.final_weights)
+                shutil.rmtree(scratch.path)
+
+            d.main_only(install, f"installing the rebuilt weights of {base_run.name}")
+            self.echo(f"[{cfg.method} s{cfg.seed}] rebuilt the weights of {base_run.name}"
+                      + (f": digest {got}, the model its eval.json evaluated" if want else
+                         " (its eval.json records no digest to check them against)"))
+        finally:
+            d.main_only(lock.release, f"releasing the lock of {base_run.name}")
 
     def _repair(self, cfg: RunConfig, run: RunDir, device: str, needed_by: RunConfig | None) -> bool:
         """Repair the damaged records of ``run`` under its lock (False: another process holds it and this is a
