@@ -342,10 +342,11 @@ class Runner:
         import shutil
 
         from .checkpoint import tensor_digest
-        from .engine import Trainer
+        from .engine import Trainer, run_device_name
         from .fsutil import check_inside
 
         d = self.dist
+        device = run_device_name(base, d)
         scratch = RunDir(base_run.ckpt_dir / "rebuild")
         check_inside(base_run.root, scratch.path, "rebuild directory")
         want = d.agree(((base_run.read_eval() or {}).get("meta") or {}).get("weights_sha256"))
@@ -359,7 +360,7 @@ class Runner:
             self.echo(f"[{cfg.method} s{cfg.seed}] the {base.method} run {base_run.name} is done but its weights "
                       f"(never in git) are not here: training it again in {scratch.path} to rebuild them")
             d.main_only(lambda: (scratch.path.mkdir(parents=True, exist_ok=True), scratch.remove_stale_temporaries(),
-                                 scratch.config.is_file() or scratch.write_config(base, "rebuild")),
+                                 scratch.config.is_file() or scratch.write_config(base, device)),
                         f"preparing {scratch.path}")
             trainer = Trainer(base, self.dataset(base), scratch, init_weights=base.pretrained_path,
                               progress=self.progress, echo=self.echo, dist=d)
