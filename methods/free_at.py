@@ -3,7 +3,7 @@
 One perturbation tensor δ with the shape of one mini-batch, zero at the start, is carried across mini-batches and
 epochs and never reset. Every mini-batch is replayed m = 8 times; each replay is
 
-1. one forward of ``f(clip_[0,1](x + δ))`` in **train** mode (batch statistics, running statistics updated), CE;
+1. one forward of ``f(x + δ)`` in **train** mode (batch statistics, running statistics updated), CE;
 2. **one** backward that gives both ∇_θ and ∇_δ;
 3. ``δ ← clip_[−ε,ε](δ + ε·sign ∇_δ)``, then clipped so that x + δ ∈ [0, 1] (Wong's order of the two clamps);
 4. an SGD step on θ with the gradient of step 2, i.e. taken *before* δ moved.
@@ -11,8 +11,11 @@ epochs and never reset. Every mini-batch is replayed m = 8 times; each replay is
 So a mini-batch gives exactly m optimiser steps, and an epoch is one pass over the data (m·len(loader) steps):
 10 epochs as METHODS §5 recommends and AFD Table 5 lists ("Free-AT†: 10 epochs"). The lr follows Wong's triangular
 ``CyclicLR`` 0 → 0.04 → 0 over all 10·len(loader)·m replays, evaluated per replay; momentum 0.9, weight decay 5e-4,
-batch 128. Inputs are clipped to [0, 1] before the forward as in the official TF code (§5); Wong's code clamps δ to
-the valid range of the *previous* batch only, so the two differ only on the first replay of each new batch. The
+batch 128. The forward takes ``x + δ`` with no clip, as Wong's ``model(X + delta[:X.size(0)])``: δ is kept inside
+the valid range of the batch it last moved on (step 3), so on the first replay of a new batch ``x + δ`` may leave
+[0, 1] by up to ε, exactly as in the authors' code. (A clip in the forward would not be harmless: the gradient of
+``clamp`` is 0 at both bounds, so δ's sign step would be 0 and δ would freeze at every pixel that is 0 or 1 or that
+step 3 put on a bound, for every later replay.) The
 last mini-batch of an epoch may be smaller: it uses (and updates) the first rows of δ, as Wong's ``delta[:X.size(0)]``.
 Under data parallelism a rank uses the rows of δ at its positions in the global batch, and after each mini-batch the
 moved rows are gathered so that every rank holds (and checkpoints) the whole δ of the single-process run.
@@ -80,7 +83,7 @@ class FreeAT(Method):
         for r in range(self.hp["replays"]):
             self.set_lr(self.lr_for_replay(epoch, step, r))
             delta = self.delta[rows].clone().requires_grad_(True)
-            logits = self.net((x + delta).clamp(0.0, 1.0))
+            logits = self.net(x + delta)  # no clip: see the docstring
             loss = F.cross_entropy(wide(logits), y)
             self.optimizer.zero_grad(set_to_none=True)
             seed_loss(loss).backward()  # one backward: ∇θ into .grad, ∇δ into delta.grad

@@ -172,7 +172,7 @@ def test_free_at_delta_persists_across_minibatches_and_each_gives_m_steps():
     m.train_step(b2, 0, 1)
     assert len(steps) == 6
     # the first replay of the second mini-batch starts from the δ the first one left (warm start, never reset)
-    assert torch.equal(inputs[3], (b2.x + d1).clamp(0, 1))
+    assert torch.equal(inputs[3], b2.x + d1)  # no clip in the forward (Wong's model(X + delta))
     # replays inside one mini-batch: the next forward sees the δ the previous replay moved
     assert not torch.equal(inputs[4], inputs[3])
 
@@ -194,10 +194,10 @@ def test_free_at_theta_gradient_is_taken_before_delta_moves():
     for r, (grads, model_before, delta_at_step) in enumerate(seen):
         x_in = inputs[r]
         # by the time θ steps, δ has already moved away from the δ of this replay's forward ...
-        assert not torch.equal((b.x + delta_at_step).clamp(0, 1), x_in)
+        assert not torch.equal(b.x + delta_at_step, x_in)
         # ... and the next replay's forward uses the moved δ
         if r + 1 < len(seen):
-            assert torch.equal(inputs[r + 1], (b.x + delta_at_step).clamp(0, 1))
+            assert torch.equal(inputs[r + 1], b.x + delta_at_step)
         # ... yet the θ-gradient is the one of this replay's forward
         loss = F.cross_entropy(model_before.train()(x_in), b.y)
         ref = torch.autograd.grad(loss, list(model_before.parameters()))
@@ -466,10 +466,29 @@ def test_free_at_delta_step_is_plus_eps_sign_of_the_input_gradient():
     ref = copy.deepcopy(m.model).train()
     m.train_step(b, 0, 0)
     d0 = torch.zeros_like(b.x).requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(ref((b.x + d0).clamp(0, 1)), b.y), d0)
+    (g,) = torch.autograd.grad(F.cross_entropy(ref(b.x + d0), b.y), d0)
     want = torch.max(torch.min((EPS * g.sign()).clamp(-EPS, EPS), 1 - b.x), -b.x)
     assert torch.allclose(m.delta[:16], want, atol=1e-7)
     assert not torch.allclose(m.delta[:16], -want, atol=1e-7)
+
+
+def test_free_at_delta_moves_at_pixels_on_the_bounds_of_the_valid_range():
+    """Pixels at 0 or 1 (saturated images, or where the range clip put x + δ on a bound) must keep moving: a clip in
+    the forward has gradient 0 there and would freeze δ (issue 23)."""
+    m = _method("free-at", replays=1)
+    b = _batch()
+    b.x[:, :, :8] = 0.0   # black rows
+    b.x[:, :, 8:16] = 1.0  # white rows
+    ref = copy.deepcopy(m.model).train()
+    m.train_step(b, 0, 0)
+    d0 = torch.zeros_like(b.x).requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(ref(b.x + d0), b.y), d0)
+    black, white = torch.zeros_like(b.x, dtype=torch.bool), torch.zeros_like(b.x, dtype=torch.bool)
+    black[:, :, :8], white[:, :, 8:16] = True, True
+    up, down = black & (g > 0), white & (g < 0)  # the directions the range allows
+    assert up.sum() > 100 and down.sum() > 100
+    assert torch.allclose(m.delta[:16][up], torch.full_like(m.delta[:16][up], EPS))
+    assert torch.allclose(m.delta[:16][down], torch.full_like(m.delta[:16][down], -EPS))
 
 
 def test_atas_warm_up_step_is_eps_along_the_eval_mode_gradient():
