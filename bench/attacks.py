@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import faults
+from .devices import same_device
 from .dist import per_example, seed_loss
 from .fsutil import atomic_write_json
 from .precision import wide
@@ -74,7 +75,7 @@ def uniform_noise(x: torch.Tensor, eps: float, generator: torch.Generator | None
     Inside a training step on a shard of a global batch, drawn for the global batch (:func:`bench.dist.per_example`)."""
     def draw(m: int) -> torch.Tensor:
         shape = (m, *x.shape[1:])
-        if generator is not None and generator.device != x.device:
+        if generator is not None and not same_device(generator.device, x.device):
             return (torch.rand(shape, generator=generator) * 2 - 1).mul_(eps).to(x.device, x.dtype)
         return (torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1).mul_(eps)
 

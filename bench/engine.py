@@ -32,11 +32,12 @@ from . import faults
 from .checkpoint import load_latest, save_state
 from .config import RunConfig
 from .data import Dataset
+from .devices import canonical
 from .dist import SINGLE, Dist, convert_sync_bn, rank_device, restore_bn
 from .errors import BenchError
 from .evaluate import device_name, evaluate, feature_gaps, finalize_checks
 from .loader import DeviceLoader, hash_seed
-from .precision import param_dtype
+from .precision import fp32_math, full_fp32, param_dtype
 from .models import create_model
 from .models.loading import load_weights
 from .records import RunDir
@@ -64,12 +65,18 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         d = self.current_decay()
         src = module.state_dict()
+        mine, theirs = [], []
         for k, v in self.module.state_dict().items():
             s = src[k].detach()
             if v.dtype.is_floating_point:
-                v.mul_(d).add_(s.to(v.dtype), alpha=1 - d)
+                mine.append(v)
+                theirs.append(s if s.dtype == v.dtype else s.to(v.dtype))
             else:
                 v.copy_(s)
+        # v ← d·v + (1 − d)·s for all tensors at once (a few kernels instead of one pair per tensor)
+        if mine:
+            torch._foreach_mul_(mine, d)
+            torch._foreach_add_(mine, theirs, alpha=1 - d)
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -83,7 +90,7 @@ class EMA:
 def resolve_device(name: str) -> torch.device:
     name = (name or "auto").lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return canonical("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -95,7 +102,7 @@ def resolve_device(name: str) -> torch.device:
             raise BenchError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
     elif dev.type != "cpu":
         raise BenchError(f"unknown --device {name!r}; accepted: auto, cpu, cuda, cuda:N")
-    return dev
+    return canonical(dev)  # cuda → cuda:<current>: the device its tensors and generators report
 
 
 def run_device(cfg: RunConfig, dist: Dist = SINGLE) -> torch.device:
@@ -162,6 +169,10 @@ class Trainer:
         self.cfg, self.dataset, self.run, self.dist = cfg, dataset, run, dist
         self.progress, self.echo = progress and dist.is_main, echo if dist.is_main else (lambda s: None)
         self.device = run_device(cfg, dist)
+        self.device_label = run_device_name(cfg, dist)
+        if self.device.type == "cuda":
+            # cuDNN picks the fastest convolution algorithm for each shape once (the shapes of a run are fixed)
+            torch.backends.cudnn.benchmark = True
         self.method_cls = get_method(cfg.method)
         self.dtype = param_dtype(cfg.precision)  # parameters, inputs and per-example state (fp64: float64)
         hp = cfg.hp
@@ -265,6 +276,10 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.metrics = list(state["metrics"])
         self.start_epoch = int(state["epochs_done"])
+        before = [m["device"] for m in self.metrics if m.get("device")]
+        if before and before[-1] != self.device_label:  # recorded per epoch, and said
+            self.echo(f"[{self.tag}] note: epochs 1-{self.start_epoch} ran on {before[-1]}, the rest runs on "
+                      f"{self.device_label}; each epoch's row of metrics.jsonl names its device")
         if self.dist.is_main:
             self.run.write_metrics(self.metrics)
         if self.start_epoch:
@@ -295,7 +310,8 @@ class Trainer:
             self.metrics.append({"epoch": 0, **self.probe()})
             self._write_metrics()
         self._wrap_for_ddp()
-        with sealed_test(self.dataset):
+        # fp32 (and fp64) training computes in full fp32: no TF32 convolutions (cuDNN's default on Ampere and later)
+        with sealed_test(self.dataset), (contextlib.nullcontext() if amp else full_fp32()):
             self._epochs(end, epochs, amp)
             if self.start_epoch >= epochs or self.method.stopped:
                 self.method.after_training(ctx)
@@ -336,7 +352,9 @@ class Trainer:
             self.method.model.train()
             self.method.begin_epoch(epoch)
             sums: dict[str, torch.Tensor] = {}
+            # on the device once per epoch: the step of the first non-finite loss is found without a host sync
             first_bad = torch.tensor(-1, device=dev)
+            step_ids = torch.arange(len(self.loader), device=dev)
             images = 0
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -361,7 +379,7 @@ class Trainer:
                     sums[k] = sums[k] + v if k in sums else v
                 if "loss" in out:
                     bad = ~torch.isfinite(out["loss"].detach())
-                    first_bad = torch.where((first_bad < 0) & bad, torch.tensor(step, device=dev), first_bad)
+                    first_bad = torch.where((first_bad < 0) & bad, step_ids[step], first_bad)
                 images += batch.y.shape[0]
                 bar.update(1)
                 faults.point("step")
@@ -378,8 +396,11 @@ class Trainer:
                                  f"(after epoch {epoch}) is kept")
             # cpu_seconds: this process's CPU time (all its threads) in the epoch: the cost, which another load on
             # the machine stretches far less than the wall-clock seconds
+            # the device each epoch ran on (a run resumed on another machine says so, epoch by epoch: Table 5
+            # credits every epoch to its own device) and how its fp32 work was computed
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "seconds": round(seconds, 4),
                                    "cpu_seconds": round(time.process_time() - c0, 4),
+                                   "device": self.device_label, "fp32_math": "bf16 autocast" if amp else fp32_math(),
                                    "images": images, "images_per_s": round(images / max(seconds, 1e-9), 2)}
             row.update({k: round(v, 6) for k, v in _summarise(sums, len(self.loader), images).items()})
             if dev.type == "cuda":

@@ -28,9 +28,11 @@ from . import faults
 from .attacks import assert_eval, autoattack, bn_mode, pgd
 from .checkpoint import tensor_digest
 from .data import Split
+from .devices import canonical
 from .dist import SINGLE, Dist
 from .errors import BenchError
 from .loader import hash_seed
+from .precision import fp32_math, full_fp32
 
 EPS = 8 / 255
 
@@ -143,6 +145,7 @@ def finalize_checks(record: dict) -> dict:
     return record
 
 
+@full_fp32()
 def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int | None = None, eps: float = EPS,
              batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
              state_dir: str | Path | None = None, progress: bool = True, aa_chunk: int = 1000,
@@ -156,7 +159,7 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
     from .records import environment
 
     attacks = parse_attacks(attacks)
-    device = torch.device(device)
+    device = canonical(device)
     split = split.head(n)
     n = len(split)
     model = model.to(device).float()
@@ -167,7 +170,9 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
     y_all = split.y.to(device)
     per_point: dict[str, torch.Tensor] = {}
     results: dict[str, dict] = {}
+    # dtype float32 and fp32_math ieee: no TF32 anywhere (cuDNN's default on Ampere and later GPUs is TF32)
     meta = {"n": n, "seed": seed, "eps": eps, "device": device_name(device), "dtype": "float32",
+            "fp32_math": fp32_math(),
             "weights_sha256": digest, "versions": environment()}
     if dist.enabled:
         meta["ranks"] = dist.world
@@ -178,12 +183,14 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
             if name == "aa":
                 bar = tqdm(total=n, desc="AutoAttack", unit="img", leave=False, disable=not progress or None)
                 key = f"{digest}|{eps}|{seed}|standard|{n}"
-                flags, warnings_ = autoattack(model, x_all, y_all, eps=eps, batch_size=batch_size, seed=seed,
+                # on a GPU, a chunk's points go through AutoAttack as one batch (256 leaves an H100 nearly idle)
+                aa_batch = batch_size if device.type != "cuda" else max(batch_size, aa_chunk)
+                flags, warnings_ = autoattack(model, x_all, y_all, eps=eps, batch_size=aa_batch, seed=seed,
                                               state_dir=state_dir, state_key=key, progress=bar.update,
                                               chunk=aa_chunk, dist=dist)
                 bar.close()
                 correct = flags.to(device)
-                extra = {"version": "standard", "flags": warnings_}
+                extra = {"version": "standard", "flags": warnings_, "batch": aa_batch}
             else:
                 spec = ATTACKS[name]
                 correct = torch.zeros(n, dtype=torch.bool, device=device)
@@ -221,6 +228,7 @@ def evaluate(model: nn.Module, split: Split, attacks: Sequence[str], *, n: int |
     return finalize_checks(record)
 
 
+@full_fp32()
 def feature_gaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  pairs: dict[str, tuple[Callable, Callable]], *, eps: float = EPS, seed: int = 0,
                  forward: Callable | None = None) -> dict[str, float]:

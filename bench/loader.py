@@ -50,6 +50,29 @@ def window_index(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w:
     return bi, ci, rows[:, None, :, None], cols[:, None, None, :]
 
 
+def draw_augment(gen: torch.Generator, total: int, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """The crop offsets and flips of one batch of ``total`` images, drawn from ``gen`` (a CPU generator) in the
+    order :func:`augment` draws them: a (3, total) int64 tensor of rows (y offset, x offset, flip 0/1)."""
+    oy = torch.randint(0, 2 * pad + 1, (total,), generator=gen) if pad > 0 else torch.zeros(total, dtype=torch.int64)
+    ox = torch.randint(0, 2 * pad + 1, (total,), generator=gen) if pad > 0 else torch.zeros(total, dtype=torch.int64)
+    f = (torch.rand(total, generator=gen) < 0.5) if flip else torch.zeros(total, dtype=torch.bool)
+    return torch.stack([oy, ox, f.long()])
+
+
+def apply_augment(x: torch.Tensor, draws: torch.Tensor, pad: int = 4, flip: bool = True,
+                  padding_mode: str = "constant") -> torch.Tensor:
+    """Crop and flip every image of ``x`` (B, C, H, W) by its column of ``draws`` (:func:`draw_augment`, on x's
+    device)."""
+    _, _, h, w = x.shape
+    if pad > 0:
+        xp = F.pad(x.float() if padding_mode != "constant" else x, (pad, pad, pad, pad), mode=padding_mode)
+        xp = xp.to(x.dtype)
+        x = xp[window_index(xp, draws[0], draws[1], h, w)]
+    if flip:
+        x = torch.where(draws[2].bool()[:, None, None, None], x.flip(3), x)
+    return x
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True,
             padding_mode: str = "constant", rows: "Shard | None" = None) -> torch.Tensor:
     """Random crop of ``pad``-padded images back to their size, and random horizontal flip, per image.
@@ -58,18 +81,15 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = Tr
     generator) so the result does not depend on the device. ``rows``: ``x`` holds these rows of a larger batch;
     the numbers are drawn for the whole batch and the rows' own are used.
     """
-    b, _, h, w = x.shape
-    total, sel = (b, slice(None)) if rows is None else (rows.total, rows.rows)
-    if pad > 0:
-        xp = F.pad(x.float() if padding_mode != "constant" else x, (pad, pad, pad, pad), mode=padding_mode)
-        xp = xp.to(x.dtype)
-        oy = torch.randint(0, 2 * pad + 1, (total,), generator=gen)[sel].to(x.device)
-        ox = torch.randint(0, 2 * pad + 1, (total,), generator=gen)[sel].to(x.device)
-        x = xp[window_index(xp, oy, ox, h, w)]
-    if flip:
-        f = (torch.rand(total, generator=gen)[sel] < 0.5).to(x.device)
-        x = torch.where(f[:, None, None, None], x.flip(3), x)
-    return x
+    total, sel = (x.shape[0], slice(None)) if rows is None else (rows.total, rows.rows)
+    return apply_augment(x, draw_augment(gen, total, pad, flip)[:, sel].to(x.device), pad, flip, padding_mode)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the host) on ``device``; to a GPU from pinned memory without blocking the host."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class DeviceLoader:
@@ -107,43 +127,50 @@ class DeviceLoader:
         return full + (1 if rest >= least and not self.drop_last else 0)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """The batches of ``epoch``, from ``start_step`` on (for resuming inside an epoch)."""
+        """The batches of ``epoch``, from ``start_step`` on (for resuming inside an epoch).
+
+        The epoch's randomness (the order, then every batch's crops and flips, in that order from one generator) is
+        drawn on the host at the start and copied to the device once: no host-device copy or sync per batch."""
         gen = torch.Generator().manual_seed(hash_seed(self.seed, epoch))
         n = self.y.shape[0]
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        steps = range(len(self))
+        bs, steps = self.batch_size, len(self)
+        sizes = [min(bs, n - s * bs) for s in range(steps)]
+        draws = (to_device(torch.cat([draw_augment(gen, m, self.pad, self.flip) for m in sizes], 1), self.device)
+                 if self.augment and steps else None)
         if self.dist.enabled:
-            yield from self._sharded(order, gen, start_step)
+            yield from self._sharded(order, draws, start_step)
             return
-        order = order.to(self.device)
-        for step in steps:
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+        order = to_device(order, self.device)
+        for step in range(start_step, steps):
+            idx = order[step * bs:step * bs + sizes[step]]
             xb = self.x[idx]
-            if self.augment:
-                xb = augment(xb, gen, self.pad, self.flip, self.padding_mode)
-            if step < start_step:
-                continue  # the generator still advances, so later steps draw the same numbers
+            if draws is not None:
+                xb = apply_augment(xb, draws[:, step * bs:step * bs + sizes[step]], self.pad, self.flip,
+                                   self.padding_mode)
             yield Batch(xb.to(self.dtype).div_(255), self.y[idx], idx)
 
-    def _sharded(self, order: torch.Tensor, gen: torch.Generator, start_step: int) -> Iterator[Batch]:
-        """This rank's rows of every global batch: the epoch's shard is gathered on the host and copied to the
-        device once; crops and flips are drawn for the whole global batch."""
+    def _sharded(self, order: torch.Tensor, draws: torch.Tensor | None, start_step: int) -> Iterator[Batch]:
+        """This rank's rows of every global batch: the epoch's shard is gathered on the host (from pinned memory
+        into pinned memory on a GPU machine) and copied to the device once; crops and flips are drawn for the whole
+        global batch (``draws``, on the device) and each rank takes its rows' own."""
         bs, steps = self.batch_size, len(self)
         batches = [order[s * bs:(s + 1) * bs] for s in range(steps)]
         shards = [self.dist.shard(len(b)) for b in batches]
         local = torch.cat([b[s.rows] for b, s in zip(batches, shards)]) if batches else order[:0]
-        x_dev = self.x[local].to(self.device, non_blocking=True)
-        y_dev = self.y[local].to(self.device, non_blocking=True)
-        local_dev = local.to(self.device)
+        x_dev, y_dev = to_device(self.x[local], self.device), to_device(self.y[local], self.device)
+        local_dev, order_dev = to_device(local, self.device), to_device(order, self.device)
         at = 0
         for step, (b, s) in enumerate(zip(batches, shards)):
             xb, yb, ib = x_dev[at:at + s.size], y_dev[at:at + s.size], local_dev[at:at + s.size]
             at += s.size
-            if self.augment:
-                xb = augment(xb, gen, self.pad, self.flip, self.padding_mode, rows=s)
             if step < start_step:
                 continue
-            yield Batch(xb.to(self.dtype).div_(255), yb, ib, shard=s, global_idx=b.to(self.device))
+            if draws is not None:
+                d = draws[:, step * bs:step * bs + len(b)][:, s.rows]
+                xb = apply_augment(xb, d, self.pad, self.flip, self.padding_mode)
+            yield Batch(xb.to(self.dtype).div_(255), yb, ib, shard=s,
+                        global_idx=order_dev[step * bs:step * bs + len(b)])
 
 
 def hash_seed(*parts: int) -> int:

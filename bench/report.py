@@ -91,6 +91,16 @@ class Run:
         return [float(m["seconds"]) for m in self.metrics if m.get("epoch", 0) >= 1 and "seconds" in m]
 
 
+def epochs_device(metrics: list[dict[str, Any]], config_device: str) -> str:
+    """The device a run's epochs ran on: each epoch's row names it (older records do not: then ``config.json``'s
+    device, where the run started). A run resumed on another device is ``mixed (A; B)``, which is no device's
+    column in Table 5: its times are never credited to one device."""
+    devs = list(dict.fromkeys(m.get("device") or config_device for m in metrics if m.get("epoch", 0) >= 1))
+    if len(devs) > 1:
+        return "mixed (" + "; ".join(devs) + ")"
+    return devs[0] if devs else config_device
+
+
 def read_runs(results_dir: str | Path, damaged: list[str] | None = None) -> list[Run]:
     """Every run with records under ``results_dir/runs``; a run whose records cannot be read is left out and
     described in ``damaged`` (one line each, with the path), so that one bad record never stops a report."""
@@ -105,7 +115,8 @@ def read_runs(results_dir: str | Path, damaged: list[str] | None = None) -> list
             if dmg:
                 raise dmg[0]
             rec = d.read_config()
-            run = Run(d, rec["config"], rec.get("device") or "unknown device", d.read_metrics(start=True),
+            metrics = d.read_metrics(start=True)
+            run = Run(d, rec["config"], epochs_device(metrics, rec.get("device") or "unknown device"), metrics,
                       d.read_eval(), d.read_method_record())
         except (DamagedRecord, ValueError, OSError) as e:  # (method.json is read as plain JSON)
             if damaged is not None:
@@ -693,24 +704,56 @@ def build(results_dir: str | Path = "results", out_dir: str | Path | None = None
         files += [fig_dir / f"{name}.png", fig_dir / f"{name}.pdf"]
     files.append(write_index(out, tables, figures, runs, groups))
     done = sum(1 for r in runs if r.done)
-    echo(f"report: {len(groups)} settings from {done} finished runs ({len(runs)} in all) → {out}/index.html, "
+    echo(f"report: {plural(len(groups), 'setting')} from {plural(done, 'finished run')} ({len(runs)} in all) → "
+         f"{out}/index.html, "
          f"{tables_dir}/, {fig_dir}/")
     return Report(tables, figures, files, len(runs), done)
 
 
+def plural(k: int, word: str, many: str | None = None) -> str:
+    """``1 run``, ``2 runs``: a count with its noun in the right number."""
+    return f"{k} {word if k == 1 else (many or word + 's')}"
+
+
+def device_name(device: str) -> str:
+    """A device as its records name it, with the thread count in the right number (``cpu (…, 1 thread)``; records
+    say ``1 threads``)."""
+    return re.sub(r"\b1 threads\b", "1 thread", str(device))
+
+
+# columns of the page's tables that wrap (long text); every other cell keeps to one line ("10000 / AA 1000")
+WRAPPING = {"notes", "hp", "pretrained", "tier ranking", "paper Table 1 ranking", "≠ method defaults (scaled)",
+            "device", "paper device"}
+FIGURE_MAX_PX = 1000
+
+
+def _html_table(name: str, df: Any) -> tuple[str, str]:
+    """(the table's HTML, its CSS rule keeping the cells of every column but ``WRAPPING`` on one line)."""
+    df = df.rename(columns=device_name)
+    df = df.apply(lambda col: col.map(lambda v: device_name(v) if isinstance(v, str) else v))
+    keep = [i + 1 for i, c in enumerate(df.columns) if c not in WRAPPING]
+    css = ",".join(f"#{name} td:nth-child({i})" for i in keep)
+    return df.to_html(index=False, escape=True, border=0), (css + "{white-space:nowrap}" if keep else "")
+
+
 def write_index(out: Path, tables: dict[str, tuple[str, Any]], figures: dict[str, str], runs: list[Run],
                 groups: dict[str, Group]) -> Path:
-    """One static page with every table and figure (no scripts, no external resources)."""
+    """One static page with every table and figure (no scripts, no external resources). Figures are shown at their
+    own size up to the page width (at most ``FIGURE_MAX_PX``), each a link to its full-size PNG."""
     from .fsutil import atomic_write_text
 
+    rendered = {name: _html_table(name, df) for name, (_, df) in tables.items() if not df.empty}
+    done = sum(1 for r in runs if r.done)
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>aft-bench report</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:110em}table{border-collapse:collapse;"
              "font-size:0.85em;margin-bottom:1em}th,td{border:1px solid #bbb;padding:2px 6px;text-align:right}"
-             "th{background:#eee}td:nth-child(-n+3){text-align:left}figure{display:inline-block;margin:1em}"
-             "img{max-width:48em}</style></head><body>",
+             "th{background:#eee}td:nth-child(-n+3){text-align:left}.scroll{overflow-x:auto}"
+             f"figure{{display:block;margin:1.5em 0}}figure img{{display:block;max-width:min(100%,{FIGURE_MAX_PX}px);"
+             "height:auto;border:1px solid #ddd}figcaption{max-width:" + f"{FIGURE_MAX_PX}px;margin-top:0.4em}}"
+             + "".join(css for _, css in rendered.values()) + "</style></head><body>",
              "<h1>aft-bench report</h1>",
-             f"<p>{len(groups)} settings from {sum(1 for r in runs if r.done)} finished runs. Ours: mean ± sample "
+             f"<p>{plural(len(groups), 'setting')} from {plural(done, 'finished run')}. Ours: mean ± sample "
              "std over seeds, with the number of seeds and the evaluated n; the paper's numbers are from "
              f"{html.escape(_paper().SOURCE)}. “—” marks a missing number, never a zero. † rows of the paper are "
              "PGD-10 numbers of PreAct-ResNet-18 copied from the ATAS paper.</p>",
@@ -721,15 +764,16 @@ def write_index(out: Path, tables: dict[str, tuple[str, Any]], figures: dict[str
         parts.append(f'<li><a href="#fig-{name}">{html.escape(name)}</a></li>')
     parts.append("</ul></nav>")
     for name, (title, df) in tables.items():
-        parts.append(f'<section id="{name}" class="table"><h2>{html.escape(title)}</h2>')
+        parts.append(f'<section id="{name}" class="table"><h2>{html.escape(device_name(title))}</h2>')
         parts.append(f'<p>Files: <a href="tables/{name}.md">Markdown</a>, <a href="tables/{name}.csv">CSV</a>, '
                      f'<a href="tables/{name}.tex">LaTeX</a></p>')
-        parts.append(df.to_html(index=False, escape=True, border=0) if not df.empty else "<p>No rows.</p>")
+        parts.append(f'<div class="scroll">{rendered[name][0]}</div>' if name in rendered else "<p>No rows.</p>")
         parts.append("</section>")
     for name, caption in figures.items():
-        parts.append(f'<section id="fig-{name}" class="figure"><figure><img src="figures/{name}.png" '
-                     f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)} '
-                     f'(<a href="figures/{name}.pdf">PDF</a>)</figcaption></figure></section>')
+        parts.append(f'<section id="fig-{name}" class="figure"><figure><a href="figures/{name}.png">'
+                     f'<img src="figures/{name}.png" alt="{html.escape(caption)}"></a>'
+                     f'<figcaption>{html.escape(caption)} (<a href="figures/{name}.png">full-size PNG</a>, '
+                     f'<a href="figures/{name}.pdf">PDF</a>)</figcaption></figure></section>')
     parts.append("</body></html>\n")
     path = out / "index.html"
     atomic_write_text(path, "\n".join(parts))

@@ -125,7 +125,9 @@ def _step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], grads: Ite
     """One step of ``opt`` with the given gradients; a ``None`` gradient leaves that parameter alone (no weight decay,
     no momentum), as SGD skips parameters without ``.grad``."""
     for p, g in zip(params, grads):
-        p.grad = g
+        # in the parameter's own memory format (a channels_last weight may get a contiguous gradient from
+        # autograd.grad, and the fused CUDA SGD kernel requires equal strides)
+        p.grad = g if g is None or g.stride() == p.stride() else torch.empty_like(p).copy_(g)
     opt.step()
 
 

@@ -79,6 +79,16 @@ def register_method(cls: type["Method"]) -> type["Method"]:
     return cls
 
 
+def match_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (SGD's momentum buffer) its parameter's memory format: checkpoints
+    store tensors contiguous, while a channels_last conv weight keeps channels_last strides, and the fused CUDA SGD
+    kernel requires equal strides."""
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 class Method:
     name: ClassVar[str] = ""
     starts_from: ClassVar[str] = "scratch"
@@ -230,7 +240,13 @@ class Method:
             raise BenchError(f"checkpoint holds {len(opts)} optimiser states; method {self.name} has "
                              f"{len(self.optimizers)}")
         for o, s in zip(self.optimizers, opts):
+            # how this process steps (fused / foreach) is its own choice, never the checkpoint's: a GPU checkpoint
+            # resumed on a CPU would otherwise leave the bit-identical CPU path
+            own = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in o.param_groups]
             o.load_state_dict(s)
+            for g, keep in zip(o.param_groups, own):
+                g.update(keep)
+            match_layouts(o)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def export(self, module: nn.Module | None = None) -> nn.Module:

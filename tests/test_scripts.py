@@ -71,4 +71,19 @@ def test_device_check_names_a_bad_stage():
     r = subprocess.run(["bash", str(ROOT / "scripts" / "device-check.sh"), "benchmark"], capture_output=True,
                        text=True)
     assert r.returncode == 2
-    assert "got 'benchmark'" in r.stderr and "perf|science|aa" in r.stderr
+    assert "got 'benchmark'" in r.stderr and "all|perf|aa" in r.stderr
+
+
+def test_device_check_writes_its_summary_after_every_stage_and_skips_what_the_budget_cannot_hold(tmp_path):
+    """The one call of a lent GPU window: each stage runs under what is left of BUDGET_S, and summary.md says after
+    every stage what ran (here a budget too small for any stage: each is listed as skipped, and the call succeeds)."""
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(out), "BUDGET_S": "20", "DEVICE": "cpu", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "device-check.sh")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in (out / "summary.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert [ln.split("|")[1].strip() for ln in rows[1:]] == ["env", "perf natural,pgd-at", "perf trades,afd",
+                                                             "aa (pgd-at resnet18, 3 epochs)"]
+    assert [ln.split("|")[2].strip() for ln in rows[1:]] == ["0", "skipped", "skipped", "skipped"]
+    assert (out / "device.txt").read_text().strip()
