@@ -18,6 +18,7 @@ import os
 import pickle
 import struct
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,7 +31,7 @@ from .errors import BenchError
 from .registry import Registry
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")  # .zip: tiny-imagenet-200.zip as served
 
 
 def default_data_dir() -> Path:
@@ -483,7 +484,8 @@ DATASETS.add("cifar100", DatasetSpec(
 DATASETS.add("tinyimagenet", DatasetSpec(
     "tinyimagenet", 200, 3, 64, ("tiny-imagenet-200", "tinyimagenet", "tiny-imagenet"), (tinyimagenet_layout,),
     "tiny-imagenet-200/ (wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt)",
-    "get tiny-imagenet-200.zip from http://cs231n.stanford.edu/ and pass --data-dir, or add --download",
+    "get tiny-imagenet-200.zip from http://cs231n.stanford.edu/ and pass --data-dir to it (the .zip or its unpacked "
+    "folder), or add --download",
     downloader=_tiny_download, description="Tiny-ImageNet, 100 000 / 10 000 (val) images 64×64, 200 classes"))
 DATASETS.add("fashion-mnist", DatasetSpec(
     "fashion-mnist", 10, 1, 28, ("fashion-mnist", "FashionMNIST", "fashion_mnist", "FashionMNIST/raw"), (idx_layout,),
@@ -519,9 +521,12 @@ def _extract_archive(archive: Path, cache_dir: Path) -> Path:
         raise BenchError(f"cannot unpack {archive} into the decoded-data cache {cache_dir} ({e.strerror}); "
                          f"accepted: a writable directory (set {CACHE_ENV} to one)") from None
     try:
-        with tarfile.open(archive) as tf:
-            tf.extractall(tmp, filter="data")  # refuses absolute paths, '..', links outside, devices
-    except (tarfile.TarError, OSError) as e:
+        if archive.name.lower().endswith(".zip"):
+            _extract_zip(archive, tmp)
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(tmp, filter="data")  # refuses absolute paths, '..', links outside, devices
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
         raise BenchError(f"cannot unpack {archive} ({e})") from None
     (tmp / ".complete").write_text("ok\n")
     if dest.exists():
@@ -530,6 +535,37 @@ def _extract_archive(archive: Path, cache_dir: Path) -> Path:
         shutil.rmtree(dest)
     os.replace(tmp, dest)
     return dest
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    """Unpack a zip archive into ``dest`` with the checks tarfile's "data" filter makes: a member with an absolute
+    path, a ``..`` component, or that is a symbolic link or anything but a file or folder is refused (the whole
+    archive: nothing of it is used)."""
+    import stat
+
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        for m in members:
+            name = m.filename
+            parts = name.replace("\\", "/").split("/")
+            kind = stat.S_IFMT(m.external_attr >> 16)
+            why = ("an absolute path" if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") else
+                   "a '..' component" if ".." in parts else
+                   "a symbolic link" if kind == stat.S_IFLNK else
+                   "not a file or folder" if kind not in (0, stat.S_IFREG, stat.S_IFDIR) else None)
+            if why is None and not (dest / name).resolve().is_relative_to(dest.resolve()):
+                why = "a path outside the destination"
+            if why:
+                raise zipfile.BadZipFile(f"member {name!r} is {why}; refused")
+        for m in members:
+            target = dest / m.filename
+            if m.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, open(target, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
 
 
 def _cache_key(spec: DatasetSpec, layout: Layout) -> str:

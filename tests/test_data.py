@@ -96,21 +96,24 @@ def test_a_malicious_pickle_is_refused_and_not_executed(tmp_path):
     assert not marker.exists()
 
 
-def test_tinyimagenet_official_layout(tmp_path):
-    root = tmp_path / "tiny-imagenet-200"
-    rng = np.random.default_rng(0)
-    wnids = [f"n{i:08d}" for i in range(200)][::-1]
+def _write_tiny(root, rng, wnids, val):
     (root / "val" / "images").mkdir(parents=True)
     (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    for w in wnids[:200]:
+    for w in wnids:
         d = root / "train" / w / "images"
         d.mkdir(parents=True)
         Image.fromarray(_img(rng, 64)).save(d / f"{w}_0.JPEG", quality=95)
     lines = []
-    for i, w in enumerate(["n00000007", "n00000199", "n00000000"]):
+    for i, w in enumerate(val):
         Image.fromarray(_img(rng, 64)).save(root / "val" / "images" / f"val_{i}.JPEG")
         lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_tinyimagenet_official_layout(tmp_path):
+    wnids = [f"n{i:08d}" for i in range(200)][::-1]
+    _write_tiny(tmp_path / "tiny-imagenet-200", np.random.default_rng(0), wnids,
+                ["n00000007", "n00000199", "n00000000"])
     ds = D.load_dataset("tinyimagenet", tmp_path)
     assert ds.num_classes == 200 and ds.image_size == 64 and ds.classes == sorted(wnids)
     assert ds.train.x.shape == (200, 3, 64, 64)
@@ -155,6 +158,48 @@ def test_an_archive_as_data_dir_is_unpacked_once(tmp_path):
     assert len(list((D.default_cache_dir() / "extracted").iterdir())) == 1
 
 
+def test_a_zip_archive_as_data_dir_is_unpacked_once(tmp_path):
+    """tiny-imagenet-200.zip as cs231n serves it (its files under tiny-imagenet-200/), given as --data-dir."""
+    import zipfile
+
+    src = tmp_path / "src"
+    wnids = [f"n{i:08d}" for i in range(200)]
+    _write_tiny(src / "tiny-imagenet-200", np.random.default_rng(0), wnids, ["n00000003", "n00000150"])
+    archive = tmp_path / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(src.rglob("*")):
+            zf.write(f, f.relative_to(src).as_posix())
+    ds = D.load_dataset("tinyimagenet", archive)
+    assert ds.num_classes == 200 and ds.train.x.shape == (200, 3, 64, 64) and ds.test.y.tolist() == [3, 150]
+    unpacked = lambda: list((D.default_cache_dir() / "extracted").glob("tiny-imagenet-200-*"))  # noqa: E731
+    assert len(unpacked()) == 1 and (unpacked()[0] / "tiny-imagenet-200" / "wnids.txt").is_file()
+    again = D.load_dataset("tinyimagenet", archive)  # unpacked once: the second load reads what is there
+    assert torch.equal(again.test.x, ds.test.x) and len(unpacked()) == 1
+
+
+@pytest.mark.parametrize("member,why", [("../../escaped.txt", "a '..' component"),
+                                        ("/tmp/escaped.txt", "an absolute path"),
+                                        ("cifar10/link", "a symbolic link")])
+def test_a_zip_that_would_write_outside_the_cache_is_refused(tmp_path, member, why):
+    import stat
+    import zipfile
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("cifar10/ok.txt", b"fine")
+        info = zipfile.ZipInfo(member)
+        if why == "a symbolic link":
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, b"/etc/passwd")
+        else:
+            zf.writestr(info, b"owned")
+    with pytest.raises(BenchError, match=f"cannot unpack .*evil.zip .*{why}; refused") as e:
+        D.load_dataset("cifar10", archive)
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.parent.rglob("escaped.txt")) and not list(D.default_cache_dir().rglob("link"))
+    assert not list(D.default_cache_dir().rglob("ok.txt"))  # nothing of a refused archive is unpacked
+
+
 def test_decoded_once_then_served_from_the_cache(tmp_path, monkeypatch):
     _write_folder(tmp_path / "cifar10", [f"c{i}" for i in range(10)], 1, 1)
     first = D.load_dataset("cifar10", tmp_path)
@@ -177,7 +222,7 @@ def test_decoded_once_then_served_from_the_cache(tmp_path, monkeypatch):
     ("empty", r"no cifar10 data under .*empty: expected cifar-10-batches-py/.*or train/<class>/.*--download"),
     ("wrong-size", r"is 16×16; .*expects 32×32"),
     ("wrong-classes", r"holds 3 classes; cifar10 has 10"),
-    ("not-an-archive", r"is a file but not an archive"),
+    ("not-an-archive", r"is a file but not an archive \(accepted: .*\.tar\.gz.*\.zip\) or a folder"),
 ])
 def test_bad_data_dirs_give_one_line(tmp_path, case, pattern):
     target = tmp_path / case
