@@ -1,0 +1,43 @@
+"""Every certified method's update against what its authors' code produced (issue 23; docs/methods.md): the golden
+fixtures in tests/golden/fidelity/ were written by ``python -m fidelity.<method> --official <checkout>
+--write-golden`` from the official repository at the commit each names; here the suite's ``Method`` runs the same
+iterations (float64, same weights, batches and random draws) and must match to 1e-10 relative."""
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fidelity import common  # noqa: E402
+
+FIXTURES = sorted(p.stem for p in common.GOLDEN.glob("*.json"))
+
+
+def test_there_are_certificates():
+    assert "trades" in FIXTURES
+
+
+@pytest.mark.parametrize("method", FIXTURES)
+def test_the_suites_update_is_the_official_codes(method):
+    golden = common.read_golden(method)
+    assert re.fullmatch(r"[0-9a-f]{40}", golden["official"]["commit"]), "a fixture names the official commit"
+    runner = importlib.import_module(f"fidelity.{method.replace('-', '_')}")
+    ours = runner.suite_run(golden["setting"])
+    assert len(ours) == len(golden["iterations"]) >= 1
+    for i, (o, t) in enumerate(zip(ours, golden["iterations"]), 1):
+        assert t["delta_norm"] > 0
+        diff = common.compare(o, t)
+        worst = max(diff, key=diff.get)
+        assert diff[worst] <= common.EQUAL, f"{method} iteration {i}: {worst} differs by {diff[worst]:.3e} relative"
+
+
+def test_a_changed_loss_is_caught():
+    """The comparison is sharp: TRADES with β = 5.99 instead of 6 is far outside the tolerance."""
+    golden = common.read_golden("trades")
+    runner = importlib.import_module("fidelity.trades")
+    ours = runner.suite_run({**golden["setting"], "beta": 5.99})
+    assert max(common.compare(ours[-1], golden["iterations"][-1]).values()) > 1e-4
