@@ -12,7 +12,9 @@ from 1, and each schedule says how it maps.
   ``peak`` of the run and back to 0 at its end, per step (Wong et al.'s ``CyclicLR`` with step_size_up = half of all
   iterations has peak 0.5; GradAlign's ``interp(t, [0, 2E//5, E], [0, lr_max, 0])`` has peak 0.4). Time is
   ``epoch + (step+1)/steps_per_epoch`` as in GradAlign's ``lr_schedule(epoch + (i+1)/len(loader))``;
-  :func:`cyclic_factor` evaluates it at any fraction of the run (Free-AT steps it per replay).
+  :func:`cyclic_factor` evaluates it at any fraction of the run (Free-AT steps it per replay). ``momentum``
+  ([low, high], optional): SGD's momentum cycles inversely to the lr, ``high − (high − low)·lr/lr₀``, as torch's
+  ``CyclicLR`` does by default (``cycle_momentum=True``, 0.8 / 0.9) in Wong et al.'s code (:func:`cyclic_momentum`).
 * ``suzuki``: the AFT schedule of METHODS.md §9 (AFD code ``tl+sl.py`` L106-113): epochs 1-10 at lr₀, ×0.8 at
   epoch 11, then halved at epochs 13, 15, 17, 19 (1-based); ``milestones`` (five 1-based epochs, default
   [11, 13, 15, 17, 19]) moves the ×0.8 and the four halvings, for a run shorter or longer than the paper's 20 epochs.
@@ -30,7 +32,7 @@ NAMES = ("constant", "multistep", "cosine", "piecewise", "cyclic", "suzuki")
 SUZUKI_MILESTONES = (11, 13, 15, 17, 19)
 # the keys each schedule takes besides its name
 KEYS = {"constant": (), "multistep": ("milestones", "gamma"), "cosine": (), "piecewise": ("points",),
-        "cyclic": ("peak",), "suzuki": ("milestones",)}
+        "cyclic": ("peak", "momentum"), "suzuki": ("milestones",)}
 
 
 def _real(v: Any) -> bool:
@@ -74,6 +76,11 @@ def check_schedule(schedule: Any, where: str = "schedule") -> None:
         peak = schedule.get("peak", 0.5)
         if not _real(peak) or not 0 < peak < 1:
             raise BenchError(f"{where}: peak = {peak!r}; accepted: a number strictly between 0 and 1")
+        mom = schedule.get("momentum")
+        if mom is not None and not (isinstance(mom, (list, tuple)) and len(mom) == 2 and all(map(_real, mom))
+                                    and 0 <= mom[0] <= mom[1] < 1):
+            raise BenchError(f"{where}: momentum = {mom!r}; accepted: [low, high] with 0 ≤ low ≤ high < 1 (the "
+                             "momentum cycles inversely to the lr: high at lr 0, low at the peak)")
     elif name == "piecewise":
         pts = schedule.get("points")
         ok = isinstance(pts, (list, tuple)) and len(pts) > 0 and all(
@@ -82,6 +89,15 @@ def check_schedule(schedule: Any, where: str = "schedule") -> None:
         if not ok or any(b[0] < a[0] for a, b in zip(pts, pts[1:])):
             raise BenchError(f"{where}: points = {pts!r}; accepted: [[epoch, factor], ...] with non-negative "
                              "numbers and non-decreasing epochs")
+
+
+def cyclic_momentum(schedule: Any, lr: float, lr0: float) -> float | None:
+    """The momentum that goes with ``lr`` under a ``cyclic`` schedule with ``momentum = [low, high]`` (None
+    otherwise): ``high − (high − low)·lr/lr₀``, torch ``CyclicLR``'s ``cycle_momentum``."""
+    if not isinstance(schedule, dict) or schedule.get("name") != "cyclic" or schedule.get("momentum") is None:
+        return None
+    low, high = schedule["momentum"]
+    return high - (high - low) * (lr / lr0 if lr0 else 0.0)
 
 
 def cyclic_factor(frac: float, peak: float = 0.5) -> float:

@@ -189,9 +189,16 @@ class Method:
         return lr_at(self.hp["lr"], self.hp["schedule"], epoch, step, self.steps_per_epoch, self.hp["epochs"])
 
     def set_lr(self, lr: float) -> None:
+        """The lr of every optimiser (and, under a ``cyclic`` schedule with ``momentum``, the momentum that cycles
+        inversely to it, as torch's ``CyclicLR`` does in Wong et al.'s code)."""
+        from bench.schedules import cyclic_momentum
+
+        mom = cyclic_momentum(self.hp.get("schedule"), lr, self.hp["lr"])
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = lr
+                if mom is not None:
+                    g["momentum"] = mom
 
     # -- training -----------------------------------------------------------------------------------------------
     def train_step(self, batch: Batch, epoch: int, step: int) -> dict[str, torch.Tensor]:  # pragma: no cover

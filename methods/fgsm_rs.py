@@ -5,8 +5,10 @@ with the model in **train** mode (its running statistics updated by this forward
 ``δ = clip_[−ε,ε](δ₀ + α·sign ∇)``, then clipped to the image range; the training forward is ``CE(f(x + sg(δ)), y)``
 in train mode. No clean term.
 
-Schedule: 15 epochs, SGD momentum 0.9, weight decay 5e-4, batch 128, cyclic lr 0 → 0.2 → 0 per step (Wong's
-``CyclicLR`` over all iterations, up half, down half).
+Schedule: 15 epochs, weight decay 5e-4, batch 128, cyclic lr 0 → 0.2 → 0 per step (Wong's ``CyclicLR`` over all
+iterations, up half, down half), and with it, as that ``CyclicLR`` does by default (``cycle_momentum``), SGD's
+momentum cycling inversely 0.9 → 0.8 → 0.9 (``schedule.momentum = [0.8, 0.9]``; ``[0.9, 0.9]`` holds it at 0.9).
+Certified against the authors' loop: ``fidelity/fgsm_rs.py``.
 
 Optional early stopping (``early_stop = true``; off by default as in the official script): after every epoch,
 PGD-5 (one U(−ε, ε) start, step 2/255) on the first training batch of that epoch; when its robust accuracy drops by
@@ -41,7 +43,7 @@ class FGSMRS(Method):
         "epochs": 15,
         "lr": 0.2,
         "weight_decay": 5e-4,
-        "schedule": {"name": "cyclic", "peak": 0.5},
+        "schedule": {"name": "cyclic", "peak": 0.5, "momentum": [0.8, 0.9]},
         "alpha_ratio": 1.25,  # α = 1.25·ε (10/255 at ε = 8/255), relative so that it follows --set eps
         "early_stop": False,
         "early_stop_steps": 5,

@@ -10,7 +10,8 @@ epochs and never reset. Every mini-batch is replayed m = 8 times; each replay is
 
 So a mini-batch gives exactly m optimiser steps, and an epoch is one pass over the data (m·len(loader) steps):
 10 epochs as METHODS §5 recommends and AFD Table 5 lists ("Free-AT†: 10 epochs"). The lr follows Wong's triangular
-``CyclicLR`` 0 → 0.04 → 0 over all 10·len(loader)·m replays, evaluated per replay; momentum 0.9, weight decay 5e-4,
+``CyclicLR`` 0 → 0.04 → 0 over all 10·len(loader)·m replays, evaluated per replay, with SGD's momentum cycling
+inversely 0.9 → 0.8 → 0.9 as that ``CyclicLR`` does by default (``schedule.momentum``); weight decay 5e-4,
 batch 128. The forward takes ``x + δ`` with no clip, as Wong's ``model(X + delta[:X.size(0)])``: δ is kept inside
 the valid range of the batch it last moved on (step 3), so on the first replay of a new batch ``x + δ`` may leave
 [0, 1] by up to ε, exactly as in the authors' code. (A clip in the forward would not be harmless: the gradient of
@@ -44,7 +45,7 @@ class FreeAT(Method):
         "epochs": 10,
         "lr": 0.04,
         "weight_decay": 5e-4,
-        "schedule": {"name": "cyclic", "peak": 0.5},  # evaluated per replay, see lr_for_replay
+        "schedule": {"name": "cyclic", "peak": 0.5, "momentum": [0.8, 0.9]},  # evaluated per replay, see lr_for_replay
         "replays": 8,
     }
 
