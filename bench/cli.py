@@ -30,6 +30,75 @@ def _positive_int(ctx, param, value):
     return value
 
 
+def parse_eps(text: str, flag: str = "--eps", zero: bool = False) -> float:
+    """An L∞ budget in pixel units as ``--set eps=`` reads it (``8/255``, ``0.03``): a number in (0, 1] (``zero``:
+    [0, 1]), else a one-line error naming the value and what is accepted."""
+    from .config import parse_value
+
+    v = parse_value(text.strip())
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v <= 1 if zero else 0 < v <= 1):
+        raise BenchError(f"{flag} {text!r}; accepted: a {'number in [0, 1]' if zero else 'positive number ≤ 1'} "
+                         "in pixel units, e.g. 8/255")
+    return float(v)
+
+
+CHECKPOINT_FORMATS = (".safetensors (a state dict or an aft-bench checkpoint) or .pt / .pth / .ckpt written by "
+                      "torch.save (a state dict, or one under state_dict / net / model / model_state_dict)")
+
+
+def check_checkpoint_file(path: Path, what: str) -> None:
+    """A one-line error for a file that is no checkpoint at all (a Markdown, JSON or image file), by its first
+    bytes: torch.save writes a zip (``PK``) or a pickle (``\\x80``); safetensors a little-endian header length and
+    ``{``. What passes is read by :func:`bench.models.loading.read_weights` (weights only), which names any other
+    problem."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    size = path.stat().st_size
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or (
+            len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8):
+        return
+    try:
+        head.decode("utf-8")
+        kind = "an empty file" if not head else "a text file" + (" (JSON)" if head.lstrip()[:1] in (b"{", b"[") else "")
+    except UnicodeDecodeError:
+        kind = "a file of another format"
+    raise BenchError(f"{what + ' ' if what else ''}{path} is not a checkpoint: it is {kind}; accepted: "
+                     f"{CHECKPOINT_FORMATS}")
+
+
+def _presets() -> dict[str, dict]:
+    """The presets of bench/configs/*.toml by name (for the help texts: what each sets)."""
+    from .config import load_preset, preset_names
+
+    return {n: load_preset(n) for n in preset_names()}
+
+
+def _shown(v) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v)) if len(v) <= 4 else f"{len(v)} methods"
+    return str(v)
+
+
+def _by_preset(presets: dict[str, dict], key: str, default: str) -> str:
+    """``; smoke: 500, cpu: 1000``: what the presets set ``[run] key`` to (where not the default), for an option's
+    help."""
+    vals = [f"{n}: {_shown(p['run'][key])}" for n, p in presets.items()
+            if key in p["run"] and _shown(p["run"][key]) != default]
+    return ("; " + ", ".join(vals)) if vals else ""
+
+
+def _preset_help(presets: dict[str, dict]) -> str:
+    """What --preset NAME switches, from the files: each preset's [run] values (flags override them)."""
+    parts = []
+    for n, p in presets.items():
+        keys = [_shown(v) if k == "methods" and len(v) > 4 else f"{k.replace('_', '-')} {_shown(v)}"
+                for k, v in p["run"].items() if k != "attacks"]
+        epochs = " and each method's epochs" if p["method"] else ""
+        parts.append(f"{n} sets {', '.join(keys)}{epochs}")
+    return ("Preset name or path to a TOML file (bench/configs/*.toml; `bench list` describes them). A preset "
+            "switches what it sets, flags override it: " + "; ".join(parts) + ".")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="aft-bench")
 def cli() -> None:
@@ -51,7 +120,7 @@ def cli() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("list")
+@cli.command("list", short_help="Methods (and the model each starts from), datasets, architectures, presets.")
 def list_cmd() -> None:
     """Methods (with the model each starts from), datasets, architectures and presets."""
     from methods import METHODS
@@ -84,36 +153,51 @@ def _run_options(sweep: bool = False):
     """The options ``bench run`` and ``bench sweep`` share (sweep takes comma lists for --dataset / --arch and one
     --data-dir NAME=DIR per dataset)."""
     many = " (comma-separated: one run per value)" if sweep else ""
+    presets = _presets()
+
+    def dflt(key: str, default: str) -> str:
+        return f"default: {default}{_by_preset(presets, key, default)}"
+
     data_dir = (click.option("--data-dir", "data_dir", multiple=True, metavar="[NAME=]DIR",
                              help="Folder (or archive) of the dataset; with several datasets NAME=DIR for each "
                                   "(repeatable).") if sweep else
                 click.option("--data-dir", type=click.Path(path_type=str),
                              help="Folder (or archive) holding the dataset."))
     options = [
-        click.option("--methods", "-m", help="Comma-separated methods (see `bench list`); default: the preset's."),
-        click.option("--dataset", "-d", help="Dataset name (default: the preset's, else synthetic)" + many + "."),
-        click.option("--arch", "-a", help="Architecture (default: the preset's, else resnet18)" + many + "."),
-        click.option("--seeds", "-s", help="Seeds: 0,1,2 or 0-2 (default 0)."),
-        click.option("--preset", "-p", help="Preset name (smoke, paper) or path to a TOML file."),
+        click.option("--methods", "-m",
+                     help="Comma-separated methods (see `bench list`); " + dflt("methods", "the preset's") + "."),
+        click.option("--dataset", "-d", help=f"Dataset name{many} ({dflt('dataset', 'synthetic')})."),
+        click.option("--arch", "-a", help=f"Architecture{many} ({dflt('arch', 'resnet18')})."),
+        click.option("--seeds", "-s", help=f"Seeds: 0,1,2 or 0-2 ({dflt('seeds', '0')})."),
+        click.option("--preset", "-p", help=_preset_help(presets)),
         data_dir,
         click.option("--download", is_flag=True, help="Download the dataset if it is not on disk (needs internet)."),
-        click.option("--subset", type=int, callback=_positive_int, help="Training images per class (smoke runs)."),
-        click.option("--epochs", type=int, callback=_positive_int, help="Epochs of every listed method."),
-        click.option("--batch-size", type=int, callback=_positive_int, help="Batch size of every listed method."),
-        click.option("--lr", type=float, help="Base learning rate of every listed method."),
+        click.option("--subset", type=int, callback=_positive_int,
+                     help=f"Training images per class ({dflt('subset', 'all')})."),
+        click.option("--epochs", type=int, callback=_positive_int,
+                     help="Epochs of every listed method (default: the method's, or the preset's [method] tables)."),
+        click.option("--batch-size", type=int, callback=_positive_int,
+                     help="Batch size of every listed method (default: the method's, 128 for most)."),
+        click.option("--lr", type=float, help="Base learning rate of every listed method (default: the method's)."),
+        click.option("--eps", help="L∞ budget ε of every listed method, in pixel units, e.g. 8/255 (the same as "
+                                   "--set eps=8/255; default: the method's, 8/255)."),
         click.option("--set", "sets", multiple=True, metavar="[METHOD.]KEY=VALUE",
-                     help="Override a hyper-parameter, e.g. --set eps=8/255 --set natural.epochs=50 (repeatable); "
+                     help="Override any hyper-parameter, e.g. --set attack_steps=7 --set natural.epochs=50 "
+                          "(repeatable; after --eps, so --set pgd-at.eps=4/255 overrides it for one method); "
                           "a bare comma list is a grid: --set afd.gamma=5,25,50."),
-        click.option("--attacks", help="Evaluation attacks: clean,pgd20,aa (default: all three)."),
+        click.option("--attacks", help=f"Evaluation attacks: clean,pgd20,aa ({dflt('attacks', 'clean,pgd20,aa')})."),
         click.option("--eval-n", type=int, callback=_positive_int,
-                     help="Test images for clean and PGD-20 (default: all)."),
+                     help=f"Test images for clean and PGD-20 ({dflt('eval_n', 'all test images')})."),
         click.option("--aa-n", type=int, callback=_positive_int,
-                     help="Test images for AutoAttack (default: --eval-n)."),
+                     help=f"Test images for AutoAttack ({dflt('aa_n', 'those of --eval-n')})."),
         click.option("--aa-chunk", type=int, callback=_positive_int,
-                     help="AutoAttack runs and saves its progress in chunks of this many images (default 1000)."),
-        click.option("--probe-n", type=int, help="Test images of the per-epoch feature-gap probe (0: off)."),
+                     help=f"AutoAttack runs and saves its progress in chunks of this many images "
+                          f"({dflt('aa_chunk', '1000')})."),
+        click.option("--probe-n", type=int,
+                     help=f"Test images of the per-epoch feature-gap probe, 0: off ({dflt('probe_n', '256')})."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=str, help="Training precision: fp32, bf16 (autocast) or fp64 (a slow reference; evaluation is always fp32)."),
+        click.option("--precision", type=str, help="Training precision: fp32, bf16 (autocast) or fp64 (a slow "
+                                                   f"reference; evaluation is always fp32) ({dflt('precision', 'fp32')})."),
         click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format (GPU)."),
         click.option("--compile/--no-compile", "compile_", default=None,
                      help="torch.compile the training forward and the attacks' forward (parameters detached)."),
@@ -141,17 +225,20 @@ def _request(opts: dict, **over):
 
     _check_results_dir(opts["results_dir"])
     o = {**opts, **over}
+    eps = [f"eps={parse_eps(o['eps'])!r}"] if o.get("eps") is not None else []  # as --set eps=8/255 would
+    if o["pretrained"] is not None and Path(o["pretrained"]).is_file():
+        check_checkpoint_file(Path(o["pretrained"]), "--pretrained")
     return RunRequest(methods=_csv(o["methods"]) if isinstance(o["methods"], str) else o["methods"],
                       dataset=o["dataset"], arch=o["arch"], seeds=o["seeds"], preset=o["preset"],
                       data_dir=o["data_dir"], subset=o["subset"], epochs=o["epochs"], batch_size=o["batch_size"],
-                      lr=o["lr"], sets=list(o["sets"]), attacks=o["attacks"], eval_n=o["eval_n"], aa_n=o["aa_n"],
+                      lr=o["lr"], sets=eps + list(o["sets"]), attacks=o["attacks"], eval_n=o["eval_n"], aa_n=o["aa_n"],
                       aa_chunk=o["aa_chunk"], probe_n=o["probe_n"], device=o["device"], precision=o["precision"],
                       channels_last=o["channels_last"], compile=o["compile_"], normalize=o["normalize"],
                       pretrained=o["pretrained"], results_dir=o["results_dir"], download=o["download"],
                       sync_bn=o["sync_bn"])
 
 
-@cli.command("run")
+@cli.command("run", short_help="Train and evaluate methods × seeds: Clean / PGD-20 / AutoAttack, s/epoch.")
 @_run_options()
 @click.option("--nproc", type=int, callback=_positive_int,
               help="Train every run on N processes with DistributedDataParallel: starts torchrun (one GPU per "
@@ -211,7 +298,7 @@ def _minutes(ctx, param, value):
     return minutes
 
 
-@cli.command("sweep")
+@cli.command("sweep", short_help="Grids of runs (methods × datasets × archs × seeds × --set): here or Slurm.")
 @_run_options(sweep=True)
 @click.option("--launcher", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
               help="local: here (one run after another, or --parallel runs at once, one per GPU); slurm: job arrays "
@@ -321,7 +408,7 @@ def _check_results_dir(path: str, option: str = "--results", write: bool = True)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("eval")
+@cli.command("eval", short_help="Clean / PGD-20 / AutoAttack of a run, a checkpoint file or robustbench:<name>.")
 @click.argument("target")
 @click.option("--arch", "-a", help="Architecture of a checkpoint file (a run directory knows its own).")
 @click.option("--dataset", "-d", help="Dataset (a run directory knows its own).")
@@ -352,7 +439,6 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
         from .fsutil import check_writable_dir
 
         check_writable_dir(out.parent if str(out.parent) else ".", f"--output {output}: its folder")
-    from .config import parse_value
     from .data import load_dataset
     from .engine import resolve_device
     from .evaluate import evaluate, parse_attacks
@@ -362,9 +448,7 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
     from .records import RunDir
 
     attacks_l = parse_attacks(attacks)
-    eps_v = parse_value(eps)
-    if isinstance(eps_v, bool) or not isinstance(eps_v, (int, float)) or not 0 <= eps_v <= 1:
-        raise BenchError(f"--eps {eps!r}; accepted: a number in [0, 1] in pixel units, e.g. 8/255")
+    eps_v = parse_eps(eps, zero=True)
     dev = resolve_device(device)
     run = None
     if target.startswith("robustbench:"):
@@ -396,6 +480,7 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
                 raise BenchError(f"run {path.name}: {bad}; accepted: restore that file, or evaluate it as a "
                                  f"checkpoint file (bench eval {weights} --arch {arch} --dataset {dataset})")
         elif path.is_file():
+            check_checkpoint_file(path, "")
             if arch is None or dataset is None:
                 raise BenchError("a checkpoint file needs --arch and --dataset (see `bench list`)")
             weights = path
@@ -448,7 +533,7 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("status")
+@cli.command("status", short_help="Every run under RESULTS/runs: done, running or partial, with its numbers.")
 @click.option("--results", "results_dir", default="results", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
 def status_cmd(results_dir, as_json) -> None:
@@ -460,16 +545,17 @@ def status_cmd(results_dir, as_json) -> None:
     if not runs:
         click.echo(f"no runs under {Path(results_dir) / 'runs'}")
         return
+    rows = []
     for run in runs:
         st = run.status()
         if st["state"] == "damaged":  # one line, with the path and what is wrong; the other runs go on
             if as_json:
                 click.echo(json.dumps(st))
-            else:
-                hint = ("train it again: delete its ckpt/ and done" if "final weights" in st["damage"] else
-                        "bench run of this run repairs it")
-                click.echo(f"{'damaged':<8} {st['epoch']:>4}/{st['epochs'] or '?':<4} {st['run']}  {st['damage']}; "
-                           f"{hint}")
+                continue
+            hint = ("train it again: delete its ckpt/ and done" if "final weights" in st["damage"] else
+                    "bench run of this run repairs it")
+            rows.append(["damaged", f"{st['epoch']}/{st['epochs'] or '?'}", "—", "—", "—", st["run"],
+                         f"{st['damage']}; {hint}"])
             continue
         record = run.read_eval() or {}
         ev = record.get("results", {})
@@ -477,21 +563,23 @@ def status_cmd(results_dir, as_json) -> None:
         if as_json:
             click.echo(json.dumps(st))
             continue
-        accs = "  ".join(f"{a} {st[a]:.2f}" for a in ("clean", "pgd20", "aa") if st[a] is not None)
-        suspect = record.get("suspect")
-        if suspect:
-            accs += f"  SUSPECT: {','.join(suspect)}"
-        extra = ""
-        if st["state"] == "running":
-            holder = run.lock.holder()
-            extra = f" (process {holder[1]} on {holder[0]})" if holder else ""
-        click.echo(f"{st['state']:<8} {st['epoch']:>4}/{st['epochs'] or '?':<4} {st['run']}{extra}  {accs}")
+        accs = ["—" if st[a] is None else f"{st[a]:.2f} (n={ev[a].get('n', '?')})" for a in ("clean", "pgd20", "aa")]
+        holder = run.lock.holder() if st["state"] == "running" else None
+        notes = ([f"process {holder[1]} on {holder[0]}"] if holder else []) + (
+            [f"SUSPECT: {','.join(record['suspect'])}"] if record.get("suspect") else [])
+        rows.append([st["state"], f"{st['epoch']}/{st['epochs'] or '?'}", *accs, st["run"], "; ".join(notes)])
+    if rows:
+        head = ["state", "epochs", "Clean", "PGD-20", "AA", "run", ""]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+        for line in [head, ["-" * w for w in widths[:-1]] + [""], *rows]:
+            click.echo(fmt.format(*line).rstrip())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("report")
+@cli.command("report", short_help="The AFD paper's tables and figures from the run records, beside its numbers.")
 @click.option("--results", "results_dir", default="results", show_default=True,
               help="Results directory whose runs/ are reported.")
 @click.option("--out", "out_dir", type=click.Path(path_type=str),
@@ -507,7 +595,7 @@ def report_cmd(results_dir, out_dir) -> None:
     build(results_dir, out_dir, echo=click.echo)
 
 
-@cli.command("perf")
+@cli.command("perf", short_help="The engine against a papers'-style loop: images/s, s/epoch, peak memory.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--methods", "-m", default=",".join(("natural", "pgd-at", "trades", "afd")), show_default=True)
 @click.option("--arch", "-a", help="Architecture (default: resnet18 on a GPU, smallcnn on a CPU).")
@@ -561,6 +649,10 @@ def main() -> None:
             click.echo(e.format_message(), err=True)
             sys.exit(2)
         hint = f" (see bench {e.ctx.info_name} --help)" if e.ctx is not None and e.ctx.parent is not None else ""
+        if isinstance(e, click.NoSuchOption) and e.ctx is not None and e.ctx.info_name in ("run", "sweep"):
+            key = e.option_name.lstrip("-").replace("-", "_")  # a hyper-parameter given as a flag: --gamma 5
+            hint = (f" (a hyper-parameter is set with --set {key}=VALUE or --set METHOD.{key}=VALUE; see bench "
+                    f"{e.ctx.info_name} --help)")
         click.echo(f"error: {e.format_message()}{hint}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:

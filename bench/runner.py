@@ -271,9 +271,8 @@ class Runner:
         if base is not None:
             base_run = RunDir.for_config(base)
             self._wait_while_locked(base_run, f"[{cfg.method} s{cfg.seed}] needs the {base.method} model")
-            if not base_run.is_done():
-                self.echo(f"[{cfg.method} s{cfg.seed}] needs the {base.method} model {base.run_name}: training it "
-                          "first")
+            # (the base's own execute says it trains it for this run, once its training is set up: a bad value
+            # it meets is the command's one line of output)
             # another process may take the base's lock in the same instant: then wait for it, as for one that
             # started earlier, and go on with the model it made
             while not self.execute(base, needed_by=cfg):
@@ -320,6 +319,9 @@ class Runner:
             trainer = Trainer(cfg, dataset, run, init_weights=cfg.pretrained_path, progress=self.progress,
                               echo=self.echo, dist=d)
             trainer.resume()
+            if needed_by is not None:
+                self.echo(f"[{needed_by.method} s{needed_by.seed}] needs the {cfg.method} model {cfg.run_name}: "
+                          "training it first")
             trainer.train()
             model = trainer.export()
             self.echo(f"[{cfg.method} s{cfg.seed}] evaluating: {', '.join(cfg.attacks)}")
@@ -357,14 +359,14 @@ class Runner:
         try:
             if d.agree(base_run.final_weights.is_file()):  # (rebuilt by another process while this one waited)
                 return
-            self.echo(f"[{cfg.method} s{cfg.seed}] the {base.method} run {base_run.name} is done but its weights "
-                      f"(never in git) are not here: training it again in {scratch.path} to rebuild them")
             d.main_only(lambda: (scratch.path.mkdir(parents=True, exist_ok=True), scratch.remove_stale_temporaries(),
                                  scratch.config.is_file() or scratch.write_config(base, device)),
                         f"preparing {scratch.path}")
             trainer = Trainer(base, self.dataset(base), scratch, init_weights=base.pretrained_path,
                               progress=self.progress, echo=self.echo, dist=d)
             trainer.resume()
+            self.echo(f"[{cfg.method} s{cfg.seed}] the {base.method} run {base_run.name} is done but its weights "
+                      f"(never in git) are not here: training it again in {scratch.path} to rebuild them")
             trainer.train()
             got = tensor_digest(trainer.export().state_dict())[:16]
             if want and got != want:

@@ -50,7 +50,11 @@ def load_robustbench(name: str, dataset: str, threat_model: str, model_dir: str 
     best = max(candidates, key=lambda c: len(own & set(c)))
     try:
         model.load_state_dict(best, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()
-        raise BenchError(f"{path} does not fit robustbench's {name}: {' '.join(first[1:3])[:200]}") from None
+    except RuntimeError as e:  # what does not fit, in whole words (torch's message is many lines of every key)
+        missing, unexpected = sorted(own - set(best)), sorted(set(best) - own)
+        parts = [f"{what} {len(keys)} keys (e.g. {', '.join(keys[:4])})"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        if not parts:
+            parts = [ln.strip() for ln in str(e).splitlines()[1:2]] or [type(e).__name__]
+        raise BenchError(f"{path} does not fit robustbench's {name}: {'; '.join(parts)}") from None
     return model.eval()

@@ -34,6 +34,13 @@ SMALL = ["--preset", "smoke", "--subset", "10", "--epochs", "1", "--attacks", "c
     (["--epochs", "-3"], r"Invalid value for '--epochs': -3; accepted: a positive integer"),
     (["--eval-n", "x"], r"Invalid value for '--eval-n': 'x' is not a valid integer"),
     (["--bogus"], r"No such option '--bogus'"),
+    # a hyper-parameter given as a flag: the hint names --set
+    (["--gamma", "5"], r"No such option '--gamma'.* \(a hyper-parameter is set with --set gamma=VALUE or --set "
+                       r"METHOD.gamma=VALUE; see bench run --help\)$"),
+    (["--eps", "9"], r"--eps '9'; accepted: a positive number ≤ 1 in pixel units, e.g. 8/255$"),
+    (["--eps", "0"], r"--eps '0'; accepted: a positive number ≤ 1"),
+    (["--eps", "8/255,4/255"], r"--eps '8/255,4/255'; accepted: a positive number ≤ 1"),
+    (["--eps", "1/0"], r"value '1/0' divides by zero"),
     (["--device", "cuda"], r"--device cuda: no CUDA GPU is visible here; accepted: cpu or auto"),
     (["--device", "tpu"], r"unknown --device 'tpu'; accepted: auto, cpu, cuda, cuda:N"),
     (["--precision", "fp8"], r"unknown precision 'fp8'; accepted: bf16, fp32, fp64"),
@@ -105,7 +112,7 @@ def test_run_then_status_eval_and_list(capsys, monkeypatch, tmp_path):
     assert "[natural s0] epoch 1/1" in err
     run_dir = next((results / "runs").iterdir())
     code, out, _ = bench(capsys, monkeypatch, "status", "--results", str(results))
-    assert code == 0 and out.startswith("done") and run_dir.name in out
+    assert code == 0 and out.splitlines()[2].startswith("done") and run_dir.name in out
     code, out, _ = bench(capsys, monkeypatch, "status", "--results", str(results), "--json")
     assert json.loads(out.splitlines()[0])["state"] == "done"
     code, out, err = bench(capsys, monkeypatch, "eval", str(run_dir), "--attacks", "clean,pgd20", "--n", "10", "-q")
@@ -167,3 +174,95 @@ def test_a_second_process_on_the_same_run_is_told_who_holds_it(capsys, monkeypat
     code, _, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--results", str(results))
     assert code == 0, err
     assert run.is_done() and (run.path / ".lock").read_text() == ""  # released: it names nobody
+
+
+def test_run_eps_is_set_eps_in_the_config_and_the_hash(capsys, monkeypatch, tmp_path):
+    from bench.runner import RunRequest, plan
+
+    results = tmp_path / "results"
+    code, _, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--eps", "4/255", "--results",
+                         str(results))
+    assert code == 0, err
+    (run_dir,) = (results / "runs").iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["config"]["hp"]["eps"] == 4 / 255  # resolved
+    same = RunRequest(preset="smoke", methods=["natural"], subset=10, epochs=1, attacks="clean", eval_n=20,
+                      probe_n=4, device="cpu", results_dir=str(results), sets=["eps=4/255"])
+    assert plan(same)[0].cfg.run_name == run_dir.name  # the run --set eps=4/255 makes
+    other = RunRequest(**{**same.__dict__, "sets": []})
+    assert plan(other)[0].cfg.run_name != run_dir.name
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_so(capsys, monkeypatch, tmp_path):
+    for name, text, kind in (("notes.md", "# results\n\nconvert me\n", "a text file"),
+                             ("eval.json", '{"results": {}}', "a text file (JSON)")):
+        f = tmp_path / name
+        f.write_text(text)
+        for args in (["eval", str(f), "--arch", "smallcnn", "--dataset", "synthetic"],
+                     ["run", *SMALL, "--methods", "vaft", "--pretrained", str(f), "--results", str(tmp_path / "r")]):
+            code, _, err = bench(capsys, monkeypatch, *args)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1, err
+            assert f"{f} is not a checkpoint: it is {kind}; accepted: .safetensors " in lines[0], err
+            assert lines[0].endswith("model_state_dict)"), err  # whole, never cut
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_starting_model_that_fails_to_start_is_one_line(capsys, monkeypatch, tmp_path):
+    """The planning message ("needs the natural model …: training it first") comes once the starting model's
+    training is set up: an error there is the only line."""
+    from bench import engine
+    from bench.errors import BenchError
+
+    real = engine.Trainer.__init__
+
+    def failing(self, cfg, *a, **k):
+        if cfg.method == "natural":
+            raise BenchError("the training split has 1 images, fewer than one batch of 128")
+        real(self, cfg, *a, **k)
+
+    monkeypatch.setattr(engine.Trainer, "__init__", failing)
+    code, out, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "vaft", "--results",
+                           str(tmp_path / "results"))
+    assert code == 2 and err.strip().splitlines() == ["error: the training split has 1 images, fewer than one batch "
+                                                      "of 128"], err
+
+
+def test_help_shows_presets_effective_defaults_and_whole_descriptions(capsys, monkeypatch):
+    from bench.config import load_preset, preset_names
+
+    code, out, _ = bench(capsys, monkeypatch, "--help")
+    commands = out.split("Commands:")[1]
+    assert code == 0 and "..." not in commands
+    for name in ("eval", "list", "perf", "report", "run", "status", "sweep"):
+        assert re.search(rf"^  {name} +\S", commands, re.M), name
+    code, out, _ = bench(capsys, monkeypatch, "run", "--help")
+    text = " ".join(out.split())  # unwrapped
+    for name in preset_names():  # every preset of bench/configs, with what it switches
+        assert f"{name} sets " in text, name
+    smoke = load_preset("smoke")["run"]
+    assert f"smoke sets methods natural,pgd-at, dataset synthetic, arch {smoke['arch']}, subset {smoke['subset']}" \
+        in text
+    assert f"(default: all test images; smoke: {smoke['eval_n']})" in text
+    assert "Training images per class (default: all; smoke: " in text
+    assert "Architecture (default: resnet18; cpu: smallvgg, smoke: smallcnn)." in text  # (paper's is the default)
+    assert "--eps TEXT L∞ budget ε of every listed method" in text
+
+
+def test_status_is_a_table_with_a_header_and_the_n_of_each_number(capsys, monkeypatch, tmp_path):
+    results = tmp_path / "results"
+    for seed in ("0", "1"):
+        code, _, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--seeds", seed,
+                             "--attacks", "clean,pgd20", "--results", str(results))
+        assert code == 0, err
+    code, out, _ = bench(capsys, monkeypatch, "status", "--results", str(results))
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["state", "epochs", "Clean", "PGD-20", "AA", "run"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    rows = lines[2:]
+    assert len(rows) == 2 and all(r.startswith("done") for r in rows)
+    for r in rows:
+        assert re.search(r"done +1/1 +[0-9.]+ \(n=20\) +[0-9.]+ \(n=20\) +— +synthetic_smallcnn_natural_s[01]_", r), r
+    # aligned: every column starts at the header's position
+    for h in ("epochs", "Clean", "PGD-20", "AA", "run"):
+        col = lines[0].index(h)
+        assert all(r[col - 2:col] == "  " and r[col] != " " for r in rows), (h, rows)
