@@ -65,7 +65,7 @@ def run_main(checkout: str, script: str, argv: list[str], m0: nn.Module, model: 
     try:
         nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
         mod = common.load_official(checkout, f"CIFAR10/{script}", f"official_{script[:-3]}")
-        one = torch.ones(3, 1, 1, dtype=torch.float64)
+        one = torch.ones(3, 1, 1, dtype=next(model.parameters()).dtype)
         mod.std, mod.upper_limit, mod.lower_limit = one, one, torch.zeros_like(one)
         mod.get_loaders = lambda d, b: (loader, [])
         mod.PreActResNet18 = lambda: model
