@@ -391,13 +391,22 @@ def _quiet_deprecations() -> Iterator[None]:
         yield
 
 
-def rank_device(requested: str | None, local_rank: int) -> torch.device:
+def rank_device(requested: str | None, local_rank: int, local_world: int | None = None) -> torch.device:
     """The device of a local rank: ``auto`` / ``cuda`` → ``cuda:<local rank>`` when a GPU is visible, else the CPU;
-    an explicit ``cuda:N`` on one process only."""
+    an explicit ``cuda:N`` on one process only. ``local_world``: the processes on this machine (default
+    ``$LOCAL_WORLD_SIZE``). More local processes than visible GPUs (an external ``torchrun --nproc-per-node``) would
+    put two ranks on one GPU: refused."""
     name = (requested or "auto").lower()
     if name in ("auto", "cuda"):
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            n = torch.cuda.device_count()
+            if local_world is None:
+                local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+            if local_rank >= n or local_world > n:
+                raise BenchError(f"{max(local_world, local_rank + 1)} processes on this machine (local rank "
+                                 f"{local_rank}) but {n} GPU(s) visible: ranks would share a GPU; accepted: at most "
+                                 f"{n} processes per machine (torchrun --nproc-per-node {n}), or --device cpu")
+            return torch.device("cuda", local_rank)
         if name == "cuda":
             raise BenchError("--device cuda: no CUDA GPU is visible here; accepted: cpu or auto")
         return torch.device("cpu")
@@ -405,6 +414,20 @@ def rank_device(requested: str | None, local_rank: int) -> torch.device:
         return torch.device("cpu")
     raise BenchError(f"--device {requested} with several processes; accepted: auto, cuda (one GPU per local rank) "
                      "or cpu")
+
+
+def check_bf16(device: torch.device | str, precision: str = "bf16") -> None:
+    """Refuse ``--precision bf16`` on a CUDA GPU without native bf16 (compute capability below 8.0: pre-Ampere),
+    where torch would emulate it, slower than fp32 and not what a bf16 record claims. ROCm GPUs and the CPU pass
+    (a CPU's bf16 is oneDNN's concern: ``bench perf`` checks it)."""
+    device = torch.device(device)
+    if precision != "bf16" or device.type != "cuda" or torch.version.hip:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise BenchError(f"--precision bf16 on {device} ({torch.cuda.get_device_name(device)}, compute capability "
+                         f"{major}.{minor}): no native bf16, which needs compute capability 8.0 or later (Ampere); "
+                         "accepted: --precision fp32 or fp64 on this GPU")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,9 +466,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         n_local = x.numel() // c
         mean_l = xf.mean(dims) if n_local else xf.new_zeros(c)
         m2_l = ((xf - mean_l.view(1, c, *[1] * (x.dim() - 2))) ** 2).sum(dims) if n_local else xf.new_zeros(c)
-        slot = xf.new_zeros(world, 2 * c + 1)
-        slot = slot.index_copy(0, torch.tensor([rank], device=x.device),
-                               torch.cat([mean_l, m2_l, xf.new_tensor([float(n_local)])])[None])
+        # this rank's row among zero rows: made on the device (no tensor from host data, so no copy or sync)
+        row = torch.cat([mean_l, m2_l, xf.new_full((1,), float(n_local))])[None]
+        slot = torch.cat([xf.new_zeros(rank, 2 * c + 1), row, xf.new_zeros(world - 1 - rank, 2 * c + 1)])
         allv = all_reduce_sum(slot)
         counts = allv[:, -1].detach()
         n = counts.sum()
@@ -461,7 +484,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 f = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-                unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
+                # decided on the device (a host ``if`` on n would sync, and break the compiled graph per layer)
+                unbiased = torch.where(n > 1, var.detach() * (n / (n - 1)), var.detach())
                 self.running_mean.mul_(1 - f).add_(mean.detach().to(self.running_mean.dtype), alpha=f)
                 self.running_var.mul_(1 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
         return y.to(x.dtype)
