@@ -40,6 +40,9 @@ def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor, dist: Dist = SINGLE) -> to
     """1 − mean cosine of the per-example input gradients over the examples where both norms are non-zero (0 when
     none is). ``g1`` is expected detached; gradients flow through ``g2``.
 
+    No host sync: which examples count is decided on the device (a mask and ``torch.where``, no boolean indexing,
+    no ``bool()``); with every example kept, the value and its gradient are bit for bit the mean over the batch.
+
     On a shard of a global batch (``dist``, inside a training step) the mean runs over the kept examples of the
     *global* batch: the value returned is scaled so that the ranks' share-weighted sum (what the seeded losses add
     up to) is the single-process value, every rank takes the same branch, and every rank's ``g2`` stays in the
@@ -47,18 +50,16 @@ def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor, dist: Dist = SINGLE) -> to
     a, b = wide(g1.flatten(1)), wide(g2.flatten(1))
     na, nb = a.norm(dim=1), b.norm(dim=1)
     keep = (na != 0) & (nb != 0)
-    shard = current_shard()
-    if not dist.enabled or shard is None:
-        if not bool(keep.any()):
-            return torch.zeros((), device=g2.device)
-        cos = ((a[keep] / na[keep, None]) * (b[keep] / nb[keep, None])).sum(dim=1)
-        return 1.0 - cos.mean()
-    kept = dist.all_sum(keep.sum().float())
-    if not bool(kept > 0):
-        return (b * 0).sum()  # 0, with g2 in the graph on every rank
     one = torch.ones_like(na)
     cos = ((a / torch.where(keep, na, one)[:, None]) * (b / torch.where(keep, nb, one)[:, None])).sum(dim=1)
-    return 1.0 - (cos * keep).sum() / (kept * shard.share)
+    shard = current_shard()
+    sharded = dist.enabled and shard is not None
+    kept = keep.sum().float()
+    kept = dist.all_sum(kept) if sharded else kept
+    share = shard.share if sharded else 1.0
+    # (cos * keep).sum() / kept is cos.mean() bit for bit when every example is kept (as torch computes a CPU mean)
+    reg = 1.0 - (cos * keep).sum() / (kept.clamp(min=1) * share)
+    return torch.where(kept > 0, reg, (b * 0).sum())  # none kept: 0, with g2 in the graph on every rank
 
 
 @register_method
@@ -90,9 +91,12 @@ class FGSMGA(Method):
         self.lam = gradalign_lambda(self.hp["eps"]) if lam == "auto" else float(lam)
 
     def grad2(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """g₂ at x + U(−ε, ε), with the graph kept (double backprop)."""
+        """g₂ at x + U(−ε, ε), with the graph kept (double backprop). Its forward is the training forward run
+        eagerly, also under ``compile``: the regulariser's backward differentiates through this forward's backward,
+        and a compiled graph's backward (aot_autograd) has no double backward. The other forwards stay compiled."""
         eta = uniform_noise(x, self.hp["eps"]).requires_grad_(True)
-        loss = F.cross_entropy(wide(self.net(x + eta)), y)
+        eager = getattr(self.net, "_orig_mod", self.net)  # torch.compile's module wraps the original (model or DDP)
+        loss = F.cross_entropy(wide(eager(x + eta)), y)
         (g,) = torch.autograd.grad(seed_loss(loss), eta, create_graph=True)
         return g
 
