@@ -10,7 +10,8 @@ State, kept in the method (so a resumed run continues with the same buffers):
 Per mini-batch (the method augments itself, so the engine hands it un-augmented images and their indices):
 
 1. one random crop offset (0..2p, 0..2p) and one flip per example, applied alike to the zero-padded clean image and
-   to δ_i → x_aug, δ_aug; ``x_init = clip_[0,1](x_aug + δ_aug)``;
+   to δ_i → x_aug, δ_aug; ``x_init = clip_[0,1](x_aug + δ_aug)`` (the epoch's offsets and flips are drawn at its
+   start, in the order its steps would draw them, and copied to the device once: no copy or sync per step);
 2. model in **eval** mode, ``g = ∇_x CE(f(x_init), y)``;
 3. 1-based epochs ≤ ``warmup_epochs`` (5): step η = ε; after: ``v_i ← β·v_i + (1−β)·‖g_i‖²₂`` (β = 0.5) and
    ``η_i = clip((2·8/255) / (1 + sqrt(v_i)/c), 4/255, 14/255)``, c = 0.01 (the numerator is hard-coded 2·8/255 in
@@ -41,9 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import input_grad
-from bench.dist import per_example
+from bench.dist import current_shard, per_example
 from bench.errors import BenchError
-from bench.loader import window_index
+from bench.loader import to_device, window_index
 from bench.precision import wide
 
 from .base import Method, register_method
@@ -111,6 +112,7 @@ class ATAS(Method):
         self.delta = torch.empty(n, c, h + 2 * self.pad, w + 2 * self.pad, device=dev, dtype=p.dtype)
         self.redraw()
         self.gdnorm = torch.zeros(n, device=dev, dtype=p.dtype)
+        self.plan: tuple[torch.Tensor, list[int], list[int]] | None = None  # the epoch's crops (plan_epoch)
         self.begin_epoch_stats()
 
     def redraw(self) -> None:
@@ -123,21 +125,54 @@ class ATAS(Method):
         if e % self.hp["reset_every"] == 0 and e != self.hp["epochs"]:
             self.redraw()
         self.begin_epoch_stats()
+        self.plan_epoch()
 
     def begin_epoch_stats(self) -> None:
         # min, max and sum of the step sizes of this epoch, logged by end_epoch
         self.step_stats = torch.tensor([float("inf"), 0.0, 0.0], device=self.delta.device)
         self.step_count = 0
 
-    def transform(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One crop offset and flip per example (global RNG, on the CPU so results do not depend on the device;
-        drawn for the whole global batch under data parallelism)."""
+    def draw(self, m: int) -> torch.Tensor:
+        """The crop offsets and flips of ``m`` examples from the global RNG (on the CPU, so results do not depend on
+        the device), in this order: m y offsets, m x offsets, m flips; an (m, 3) int64 tensor (oy, ox, flip 0/1)."""
         p = self.pad
-        oy = per_example(lambda m: torch.randint(0, 2 * p + 1, (m,)), b).to(device)
-        ox = per_example(lambda m: torch.randint(0, 2 * p + 1, (m,)), b).to(device)
-        flip = (per_example(lambda m: torch.rand(m), b) < 0.5).to(device) if self.flip else \
-            torch.zeros(b, dtype=torch.bool, device=device)
-        return oy, ox, flip
+        oy = torch.randint(0, 2 * p + 1, (m,))
+        ox = torch.randint(0, 2 * p + 1, (m,))
+        flip = (torch.rand(m) < 0.5).long() if self.flip else torch.zeros(m, dtype=torch.int64)
+        return torch.stack([oy, ox, flip], 1)
+
+    def plan_epoch(self) -> None:
+        """The crops and flips of every step of the epoch (the engine's batches of the global batch size over the
+        ``n`` training images), drawn now in the order the steps would draw them one after another — the same
+        numbers — and copied to the device once: a step makes no host-to-device copy (on a GPU, no sync). Used up by
+        the epoch (:meth:`end_epoch`); without a plan a step draws its own (:meth:`transform`)."""
+        n, bs = int(self.info.get("n", 0)), int(self.hp["batch_size"])
+        sizes = [min(bs, n - s * bs) for s in range(self.steps_per_epoch)]
+        self.plan = None
+        if sizes and min(sizes) > 0:
+            starts = [s * bs for s in range(len(sizes))]
+            self.plan = (to_device(torch.cat([self.draw(m) for m in sizes]), self.delta.device), sizes, starts)
+
+    def transform(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One crop offset and flip per example, drawn now (:meth:`draw`; for the whole global batch under data
+        parallelism) and copied to ``device`` in one copy."""
+        d = to_device(per_example(self.draw, b), device)
+        return d[:, 0], d[:, 1], d[:, 2].bool()
+
+    def step_transform(self, b: int, step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The crops and flips of step ``step`` of this epoch's plan (this rank's rows of them), else drawn now."""
+        if self.plan is None:
+            return self.transform(b, device)
+        draws, sizes, starts = self.plan
+        shard = current_shard()
+        total = b if shard is None else shard.total
+        if step >= len(sizes) or sizes[step] != total:
+            raise RuntimeError(f"ATAS step {step} has a global batch of {total} images; the epoch's crops were drawn "
+                               f"for {len(sizes)} steps of {sizes[:3]}... images")
+        d = draws[starts[step]:starts[step] + total]
+        if shard is not None:
+            d = d[shard.rows]
+        return d[:, 0], d[:, 1], d[:, 2].bool()
 
     def step_sizes(self, g: torch.Tensor, idx: torch.Tensor, epoch: int,
                    all_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,7 +190,7 @@ class ATAS(Method):
         x, y, idx = batch.x, batch.y, batch.idx
         b, _, h, w = x.shape
         eps, p = self.hp["eps"], self.pad
-        oy, ox, flip = self.transform(b, x.device)
+        oy, ox, flip = self.step_transform(b, step, x.device)
         with torch.no_grad():
             x_aug = crop_flip(F.pad(x, (p, p, p, p)), oy, ox, flip, h, w)
             d_aug = crop_flip(self.delta[idx], oy, ox, flip, h, w)
@@ -188,6 +223,7 @@ class ATAS(Method):
         return {"loss": loss.detach(), "correct_sum": (logits.argmax(1) == y).sum()}
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
+        self.plan = None
         s = self.step_stats.tolist()
         return {"step_min_255": round(s[0] * 255, 4), "step_max_255": round(s[1] * 255, 4),
                 "step_mean_255": round(s[2] * 255 / max(self.step_count, 1), 4)}
