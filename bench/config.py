@@ -383,7 +383,12 @@ class RunConfig:
     OPTIONAL_IDENTITY = ("holdout", "bn_ranks", "data")  # in the identity only when set: older runs keep their hashes
 
     def identity(self) -> dict[str, Any]:
+        from methods import METHODS
+
         out = {k: getattr(self, k) for k in self.IDENTITY}
+        neutral = METHODS.get(self.method).identity_neutral if self.method in METHODS else {}
+        if neutral and isinstance(self.hp, dict):  # (see Method.identity_neutral)
+            out["hp"] = {k: v for k, v in self.hp.items() if not (k in neutral and v == neutral[k])}
         out.update({k: getattr(self, k) for k in self.OPTIONAL_IDENTITY if getattr(self, k) is not None})
         return out
 

@@ -6,6 +6,12 @@ features of the **clean** augmented image against the student's features of the 
 flow into the whole student. λ = 50 (``ARREST.py`` default). The attack is the §9 one (PGD-10, step 2/255, eval mode)
 on CE only: the alignment term is **not** in the attack objective.
 
+``teacher_bn`` (``eval``, the default, or ``train``): the AFD authors' ``ARREST.py``, which produced the AFD paper's
+AFKD and ARREST numbers, never calls ``teacher.eval()``, so its teacher's BatchNorm normalises with the batch's
+statistics and its running statistics drift with every teacher forward. ``train`` reproduces that (the teacher's
+running statistics are then part of the checkpoint; one process only); ``eval`` is the frozen teacher the method
+describes. Both are certified against ``ARREST.py`` (``fidelity/arrest.py``, docs/methods.md).
+
 ``vaft+a`` (METHODS §14.7 ablation definitions): vAFT plus γ·D_ang(g_F(x′), sg g_P(x)) with γ = 25 and no D₁/D₂ — the
 same loss with the AFD paper's weight γ.
 """
@@ -14,8 +20,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bench.attacks import bn_mode
+from bench.errors import BenchError
+
 from .base import register_method
 from .vaft import AFT_DEFAULTS, VAFT
+
+TEACHER_BN = ("eval", "train")
 
 
 def angular_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -29,11 +40,44 @@ class AFKD(VAFT):
     starts_from = "natural"
     paper = "METHODS.md §11 (AFT + RGKD, Suzuki et al. 2023; AFD Tables 1-2, 5)"
     weight_key = "lam"
-    defaults = {**AFT_DEFAULTS, "lam": 50.0}
+    defaults = {**AFT_DEFAULTS, "lam": 50.0, "teacher_bn": "eval"}
+    identity_neutral = {"teacher_bn": "eval"}
+
+    @classmethod
+    def check_hp(cls, hp):
+        super().check_hp(hp)
+        if hp.get("teacher_bn", "eval") not in TEACHER_BN:
+            raise BenchError(f"{cls.name}.teacher_bn = {hp['teacher_bn']!r}; accepted: eval (a frozen teacher, the "
+                             "default) or train (batch statistics, as the AFD authors' ARREST.py)")
+
+    def setup(self) -> None:
+        super().setup()
+        if self.hp.get("teacher_bn", "eval") == "train" and self.dist.enabled:
+            raise BenchError(f"{self.name}.teacher_bn = train on {self.dist.world} processes: a train-mode teacher "
+                             "normalises with each process's batch statistics; accepted: one process, or "
+                             "teacher_bn = eval")
+
+    @property
+    def teacher_train_mode(self) -> bool:
+        return self.hp.get("teacher_bn", "eval") == "train"
 
     def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        """g_P(x) under no_grad: eval mode, or train mode (batch statistics, running statistics updated) with
+        ``teacher_bn = train``."""
+        with torch.no_grad(), bn_mode(self.teacher, "train" if self.teacher_train_mode else "eval"):
             return self.teacher_net(x)
+
+    def state_dict(self):
+        out = super().state_dict()
+        if self.teacher_train_mode:  # its running statistics move: they are state
+            out["teacher_buffers"] = {k: v for k, v in self.teacher.state_dict().items() if "running" in k
+                                      or "num_batches" in k}
+        return out
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if self.teacher_train_mode and "teacher_buffers" in state:
+            self.teacher.load_state_dict({**self.teacher.state_dict(), **state["teacher_buffers"]})
 
     def fine_tune(self, x_in: torch.Tensor, x_clean: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One SGD step on CE(f(x_in)) + w·D_ang(g_F(x_in), sg g_P(x_clean)); student in train mode."""
@@ -56,4 +100,4 @@ class VAFTPlusA(AFKD):
     name = "vaft+a"
     paper = "AFD Table 3 ablation: vAFT + γ-alignment to the teacher, no D1/D2 (METHODS.md §14.7)"
     weight_key = "gamma"
-    defaults = {**AFT_DEFAULTS, "gamma": 25.0}
+    defaults = {**AFT_DEFAULTS, "gamma": 25.0, "teacher_bn": "eval"}

@@ -5,7 +5,8 @@ Per mini-batch, **before** the attack: with the student in eval mode and no grad
 d = mean_i(1 − cos(g_P(x_i), g_F(x_i))) of teacher and student features of the clean batch; if d ≥ 1 − cos θ
 (θ = 30°, threshold ≈ 0.134) **and** the epoch is ≤ ``replay_epochs`` (10, 1-based), the PGD example is replaced by
 the noisy one x̃ = clip_[0,1](x + U(−ε, ε)) for the whole batch. The loss in either case is AFKD's (λ = 50).
-The teacher is in eval mode (the AFD re-implementation left it in train mode: METHODS §9 quirk, §17 #9).
+The teacher is in eval mode (the AFD re-implementation left it in train mode: METHODS §9 quirk, §17 #9;
+``teacher_bn = train`` reproduces that, see :mod:`methods.afkd`).
 """
 from __future__ import annotations
 
@@ -30,18 +31,19 @@ class ARREST(AFKD):
 
     def representation_shift(self, x: torch.Tensor) -> torch.Tensor:
         """Batch-mean angular distance between teacher and (eval-mode) student features of the clean batch."""
+        t = self.teacher_features(x)  # (with teacher_bn = train, a teacher forward that moves its statistics)
         with torch.no_grad(), bn_mode(self.model, "eval"):
-            return 1.0 - F.cosine_similarity(self.teacher_net(x), self.model.features(x), dim=1).mean()
+            return 1.0 - F.cosine_similarity(t, self.model.features(x), dim=1).mean()
 
     def replays(self, x: torch.Tensor, epoch: int) -> tuple[bool, torch.Tensor | None]:
         """(replay this batch?, the angular distance if it was measured). ``epoch`` is 0-based.
 
         The decision needs the distance on the host (one device sync per batch while replay is possible): it
         decides whether the 10-step attack runs at all."""
-        if epoch + 1 > self.hp["replay_epochs"]:
-            return False, None
+        if epoch + 1 > self.hp["replay_epochs"] and not self.teacher_train_mode:
+            return False, None  # (ARREST.py measures the shift on every batch: with a train-mode teacher it counts)
         d = self.dist.batch_mean(self.representation_shift(x))  # of the global batch: one decision on every rank
-        return bool(d >= 1.0 - math.cos(math.radians(self.hp["theta"]))), d
+        return epoch + 1 <= self.hp["replay_epochs"] and bool(d >= 1.0 - math.cos(math.radians(self.hp["theta"]))), d
 
     def train_step(self, batch, epoch, step):
         replay, d = self.replays(batch.x, epoch)

@@ -96,6 +96,9 @@ class Method:
     attack_bn: ClassVar[str | None] = None  # BN mode of the training attack, recorded in the run config
     # True: the starting model (pgd-at / natural base run) holds out the same ``holdout_per_class`` images (RiFT)
     base_holdout: ClassVar[bool] = False
+    # hyper-parameters added after runs were recorded, at the value those runs had: left out of the run identity at
+    # that value, so the recorded runs keep their hashes (another value is in the identity as usual)
+    identity_neutral: ClassVar[dict[str, Any]] = {}
     loader_augment: ClassVar[bool] = True  # False: the method gets un-augmented batches and augments itself (ATAS)
     # "ddp": gradients come from backward() through self.net (DDP reduces them); "manual": the method reduces them
     grad_sync: ClassVar[str] = "ddp"

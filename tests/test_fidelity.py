@@ -18,14 +18,15 @@ FIXTURES = sorted(p.stem for p in common.GOLDEN.glob("*.json"))
 
 
 def test_there_are_certificates():
-    assert {"trades", "fgsm-rs", "free-at"} <= set(FIXTURES)
+    assert {"trades", "fgsm-rs", "free-at", "vaft", "afkd", "afkd@teacher-train", "arrest",
+            "arrest@teacher-train"} <= set(FIXTURES)
 
 
 @pytest.mark.parametrize("method", FIXTURES)
 def test_the_suites_update_is_the_official_codes(method):
     golden = common.read_golden(method)
     assert re.fullmatch(r"[0-9a-f]{40}", golden["official"]["commit"]), "a fixture names the official commit"
-    runner = importlib.import_module(f"fidelity.{method.replace('-', '_')}")
+    runner = importlib.import_module(golden["setting"].get("runner") or f"fidelity.{method.replace('-', '_')}")
     ours = runner.suite_run(golden["setting"])
     assert len(ours) == len(golden["iterations"]) >= 1
     assert golden["iterations"][-1]["delta_norm"] > 0  # (a first step at lr 0, as CyclicLR's, moves only BN stats)
@@ -64,3 +65,30 @@ def test_cyclic_momentum_follows_the_lr():
     check_schedule(sched)
     with pytest.raises(BenchError, match=r"momentum = \[0.9, 0.8\]; accepted"):
         check_schedule({**sched, "momentum": [0.9, 0.8]})
+
+
+@pytest.mark.parametrize("variant", ["afkd", "arrest@teacher-train"])
+def test_the_teacher_mode_is_part_of_the_update(variant):
+    """ARREST.py's teacher as written (train-mode BN) and with model_nat.eval() give different updates, and the suite's
+    teacher_bn selects which: the other mode is far outside the tolerance."""
+    golden = common.read_golden(variant)
+    runner = importlib.import_module("fidelity.arrest")
+    other = {**golden["setting"], "teacher_bn": "train" if golden["setting"]["teacher_bn"] == "eval" else "eval"}
+    ours = runner.suite_run(other)
+    assert max(common.compare(ours[-1], golden["iterations"][-1]).values()) > 1e-2
+
+
+def test_teacher_bn_is_checked_and_leaves_recorded_run_hashes_alone():
+    from bench.config import RunConfig
+    from bench.errors import BenchError
+    from methods import get_method
+
+    with pytest.raises(BenchError, match=r"afkd.teacher_bn = 'batch'; accepted: eval .* or train"):
+        get_method("afkd").check_hp({**get_method("afkd").resolved_defaults(), "teacher_bn": "batch"})
+    hp = get_method("arrest").resolved_defaults()
+    cfg = RunConfig(method="arrest", dataset="cifar10", arch="smallcnn", seed=0, hp=dict(hp))
+    without = {k: v for k, v in hp.items() if k != "teacher_bn"}
+    old = RunConfig(method="arrest", dataset="cifar10", arch="smallcnn", seed=0, hp=without)
+    assert cfg.run_hash == old.run_hash  # teacher_bn = eval: the hash of runs recorded before the option
+    cfg.hp["teacher_bn"] = "train"
+    assert cfg.run_hash != old.run_hash
