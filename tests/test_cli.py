@@ -266,3 +266,16 @@ def test_status_is_a_table_with_a_header_and_the_n_of_each_number(capsys, monkey
     for h in ("epochs", "Clean", "PGD-20", "AA", "run"):
         col = lines[0].index(h)
         assert all(r[col - 2:col] == "  " and r[col] != " " for r in rows), (h, rows)
+
+
+def test_ci_runs_the_readmes_test_command_and_names_its_sections():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0].splitlines()
+    last = [ln for ln in ci.splitlines() if ln.strip()][-1]
+    assert last in quick and last.startswith(".venv/bin/python ")  # runs without an activated venv
+    headings = {ln.lstrip("#").strip() for ln in readme.splitlines() if ln.startswith("#")}
+    for name in re.findall(r'README "([^"]+)"', ci):
+        assert name in headings, name
