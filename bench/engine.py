@@ -33,7 +33,7 @@ from .checkpoint import load_latest, save_state
 from .config import RunConfig
 from .data import Dataset
 from .devices import canonical
-from .dist import SINGLE, Dist, convert_sync_bn, rank_device, restore_bn
+from .dist import SINGLE, Dist, check_bf16, convert_sync_bn, rank_device, restore_bn
 from .errors import BenchError
 from .evaluate import device_name, evaluate, feature_gaps, finalize_checks
 from .loader import DeviceLoader, hash_seed
@@ -169,6 +169,7 @@ class Trainer:
         self.cfg, self.dataset, self.run, self.dist = cfg, dataset, run, dist
         self.progress, self.echo = progress and dist.is_main, echo if dist.is_main else (lambda s: None)
         self.device = run_device(cfg, dist)
+        check_bf16(self.device, cfg.precision)  # (a pre-Ampere GPU would emulate bf16)
         self.device_label = run_device_name(cfg, dist)
         if self.device.type == "cuda":
             # cuDNN picks the fastest convolution algorithm for each shape once (the shapes of a run are fixed)
@@ -280,8 +281,8 @@ class Trainer:
         if before and before[-1] != self.device_label:  # recorded per epoch, and said
             self.echo(f"[{self.tag}] note: epochs 1-{self.start_epoch} ran on {before[-1]}, the rest runs on "
                       f"{self.device_label}; each epoch's row of metrics.jsonl names its device")
-        if self.dist.is_main:
-            self.run.write_metrics(self.metrics)
+        # (every rank waits for rank 0's write, and stops if it failed: no rank is left at a barrier)
+        self.dist.main_only(lambda: self.run.write_metrics(self.metrics), "writing metrics.jsonl on resume")
         if self.start_epoch:
             self.echo(f"[{self.tag}] resuming after epoch {self.start_epoch} from {path.name}")
         return self.start_epoch
@@ -304,11 +305,11 @@ class Trainer:
         ctx = self.stage_context()
         with sealed_test(self.dataset):
             self.method.before_training(ctx)
-            self._write_method_record()
+            self.dist.main_only(self._write_method_record, "writing method.json")
         if not self.metrics and self.probe_x.shape[0]:
             # epoch 0: the gap of the starting model (the left end of the paper's Fig. 1a curves)
             self.metrics.append({"epoch": 0, **self.probe()})
-            self._write_metrics()
+            self.dist.main_only(self._write_metrics, "writing metrics.jsonl")
         self._wrap_for_ddp()
         # fp32 (and fp64) training computes in full fp32: no TF32 convolutions (cuDNN's default on Ampere and later)
         with sealed_test(self.dataset), (contextlib.nullcontext() if amp else full_fp32()):
@@ -434,7 +435,9 @@ class Trainer:
 
         return StageContext(train=self.train_split, heldout=self.heldout, device=self.device, seed=self.cfg.seed,
                             echo=lambda s: self.echo(f"[{self.tag}] {s}"),
-                            save=lambda: self.save_checkpoint(self.start_epoch), progress=self.progress)
+                            save=lambda: self.dist.main_only(lambda: self.save_checkpoint(self.start_epoch),
+                                                             "writing the stage's checkpoint"),
+                            progress=self.progress)
 
     def probe(self) -> dict[str, float]:
         """Feature gaps of the evaluated module on the fixed probe batch: ``feature_gap`` as the method defines it
@@ -465,8 +468,8 @@ class Trainer:
         model = model.to(memory_format=torch.contiguous_format)
         meta = {"arch": self.cfg.arch, "num_classes": str(self.dataset.num_classes),
                 "channels": str(self.dataset.channels), "run": self.cfg.run_name, "method": self.cfg.method}
-        if self.dist.is_main:
-            write_safetensors(self.run.final_weights, model.state_dict(), meta)
+        self.dist.main_only(lambda: write_safetensors(self.run.final_weights, model.state_dict(), meta),
+                            "writing the final weights")
         return model
 
 
@@ -488,9 +491,9 @@ def evaluate_heads(trainer: "Trainer", echo: Callable[[str], None] = print, prog
         res = evaluate(head, trainer.dataset.test, attacks, n=cfg.eval_n, device=trainer.device, seed=cfg.seed,
                        batch_size=cfg.eval_batch_size, progress=progress and dist.is_main, checks=False, dist=dist)
         done[name] = res["results"]
+        dist.main_only(lambda: atomic_write_json(run.eval, ev), "writing eval.json (heads)")
         if not dist.is_main:
             continue
-        atomic_write_json(run.eval, ev)
         echo(f"[{cfg.method} s{cfg.seed}] head {name}: " + ", ".join(
             f"{a} {r['acc']:.2f}%" for a, r in res["results"].items() if a != "worst"))
 
@@ -539,9 +542,8 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
     if was and existing["results"] and was != weights_digest(model.float()):
         # what eval.json holds measured other weights (the run was trained again from scratch after its checkpoints
         # were lost): none of it describes this model
-        if dist.is_main:
-            stale = run.eval.with_name("eval.json.stale")
-            os.replace(run.eval, stale)
+        dist.main_only(lambda: os.replace(run.eval, run.eval.with_name("eval.json.stale")),
+                       "setting eval.json aside")
         echo(f"[{cfg.method} s{cfg.seed}] eval.json measured other weights (digest {was}, these: "
              f"{weights_digest(model)}): kept as eval.json.stale, evaluating this model afresh")
         existing = {"results": {}, "meta": {}}
@@ -559,8 +561,7 @@ def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module
         existing["meta"] = res["meta"]
         existing["meta"]["protocol"] = ("METHODS.md §15.1: clean, PGD-20 (step 0.003, 1 random start), "
                                         "AutoAttack standard")
-        if dist.is_main:
-            atomic_write_json(run.eval, existing)
+        dist.main_only(lambda: atomic_write_json(run.eval, existing), "writing eval.json")
         for a in attacks:
             r = res["results"][a]
             echo(f"[{cfg.method} s{cfg.seed}] {a}: {r['acc']:.2f}% ({r['correct']}/{r['n']}, {r['seconds']:.1f}s)")

@@ -290,8 +290,8 @@ class Runner:
             if bad:
                 raise BenchError(f"run {run.name}: {bad}; accepted: restore that file, or delete {run.ckpt_dir} and "
                                  f"{run.done} to train the run again")
-        if grid and d.is_main:
-            run.add_grid(grid)
+        if grid:
+            d.main_only(lambda: run.add_grid(grid), f"recording the grid of {run.name}")
         if d.agree(completion(cfg, run)) == "complete":
             self.echo(f"[{cfg.method} s{cfg.seed}] already done: {run.path}")
             return run
@@ -327,7 +327,7 @@ class Runner:
             self.echo(f"[{cfg.method} s{cfg.seed}] evaluating: {', '.join(cfg.attacks)}")
             evaluate_run(cfg, dataset, run, model, progress=self.progress, echo=self.echo, dist=d)
             evaluate_heads(trainer, echo=self.echo, progress=self.progress)
-            record_tsne(trainer, echo=self.echo)
+            d.main_only(lambda: record_tsne(trainer, echo=self.echo), f"the t-SNE of {run.name}")
             # the other ranks go on only once rank 0 has written everything (a later run loads it)
             d.main_only(run.mark_done, f"finishing {run.name}")
         finally:
