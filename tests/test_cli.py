@@ -279,3 +279,18 @@ def test_ci_runs_the_readmes_test_command_and_names_its_sections():
     headings = {ln.lstrip("#").strip() for ln in readme.splitlines() if ln.startswith("#")}
     for name in re.findall(r'README "([^"]+)"', ci):
         assert name in headings, name
+
+
+def test_the_readme_main_job_table_is_the_smoke_presets():
+    """The main job's AutoAttack share stays small (100 images: minutes of AA on a busy 2-core machine, not a quarter
+    of an hour) and the README's table shows what the preset evaluates."""
+    from pathlib import Path
+
+    from bench.config import load_preset
+
+    run = load_preset("smoke")["run"]
+    assert run["aa_n"] <= 100 and run["eval_n"] == 500
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Quick start", 1)[1].split("method   seed", 1)[1].split("```", 1)[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith(("natural", "pgd-at"))]
+    assert len(rows) == 2 and all(f"(n={run['aa_n']})" in r and f"(n={run['eval_n']})" in r for r in rows)
