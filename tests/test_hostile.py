@@ -117,7 +117,7 @@ def test_one_damaged_record_is_listed_repaired_and_never_a_traceback(capsys, mon
     code, out, err = bench(capsys, monkeypatch, "report", "--results", str(results), "--out", str(tmp_path / "rep"))
     assert code == 0 and err == "", err
     assert f"damaged (left out of the report): {bad.name}: {path} is damaged" in out
-    assert "1 settings from 1 finished runs" in out
+    assert "1 setting from 1 finished run " in out
     # bench run of it repairs it: the damaged file kept beside, the record whole again, the numbers as before
     code, out, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--seeds", "1", "--results",
                            str(results))
