@@ -266,9 +266,12 @@ def run_cmd(nproc, quiet, **opts) -> None:
         req.world_size = dist.world
         planned = plan(req)
         if not dist.enabled:
+            from .dist import check_bf16
             from .engine import resolve_device
 
-            resolve_device(opts["device"])
+            dev = resolve_device(opts["device"])
+            for p in planned:  # bf16 on a GPU without it: refused before anything is written
+                check_bf16(dev, p.cfg.precision)
         runs = execute_planned(planned, dist=dist, progress=not quiet, echo=lambda s: click.echo(s, err=True))
         if dist.is_main:
             click.echo(format_table(summary_rows(runs)))
