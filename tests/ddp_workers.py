@@ -190,3 +190,27 @@ def gradalign_worker(d, out, zero_rows) -> dict:
         reg = gradalign_reg(g1[s.rows], g2l, d)
         seed_loss(reg).backward()
     return {"weighted": float(reg.detach()) * s.share, "grad": g2l.grad}
+
+
+def rank0_write_fails_worker(d, out) -> dict:
+    """A training run whose rank 0 cannot write metrics.jsonl (a full disk): every rank must stop with an error at
+    once, none may wait at the next collective for a rank 0 that has stopped."""
+    from bench.data import load_dataset
+    from bench.engine import Trainer
+    from bench.records import RunDir
+    from bench.runner import RunRequest, plan
+
+    req = RunRequest(preset="smoke", methods=["natural"], subset=8, epochs=1, attacks="clean", eval_n=16, probe_n=8,
+                     device="cpu", results_dir=str(out / "results"), batch_size=40, world_size=d.world)
+    cfg = plan(req)[0].cfg
+    if d.rank == 0:
+        def full(*a, **k):
+            raise OSError("No space left on device")
+        RunDir.write_metrics = full
+    t = Trainer(cfg, load_dataset("synthetic"), RunDir(out / f"run-{d.rank}"), progress=False, echo=lambda s: None,
+                dist=d)
+    try:
+        t.train()
+        return {"raised": None}
+    except Exception as e:  # noqa: BLE001 - the test looks at what each rank raised
+        return {"raised": f"{type(e).__name__}: {e}"}

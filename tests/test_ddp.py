@@ -184,6 +184,16 @@ def test_evaluation_shards_and_gathers_the_single_process_record(tmp_path):
     assert again[0]["results"]["aa"]["points"] == one["results"]["aa"]["points"]
 
 
+@pytest.mark.timeout(300)
+def test_a_failed_write_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0's writes go through Dist.main_only: when one fails, rank 0 raises it and every other rank raises at
+    once, naming it (before issue 24 the epoch-0 metrics were written outside it: rank 1 waited at the next
+    collective until the process group's timeout)."""
+    raised = [r["raised"] for r in W.spawn(W.rank0_write_fails_worker, 2, tmp_path)]
+    assert raised[0] == "OSError: No space left on device"
+    assert raised[1].startswith("BenchError: rank 0 failed in writing metrics.jsonl: OSError: No space left")
+
+
 def test_ranks_whose_parameters_differ_are_caught(tmp_path):
     assert all(r["raised"] is None for r in W.spawn(W.check_same_worker, 2, tmp_path, False))
     raised = [r["raised"] for r in W.spawn(W.check_same_worker, 2, tmp_path / "p", True)]
