@@ -70,7 +70,7 @@ class EMA:
             s = src[k].detach()
             if v.dtype.is_floating_point:
                 mine.append(v)
-                theirs.append(s if s.dtype == v.dtype else s.to(v.dtype))
+                theirs.append(s.to(v.dtype))  # (the same tensor when the dtypes agree)
             else:
                 v.copy_(s)
         # v ← d·v + (1 − d)·s for all tensors at once (a few kernels instead of one pair per tensor)

@@ -1,13 +1,14 @@
 """What every comparison shares: the model, the batch, the summary of an update and its comparison."""
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -111,3 +112,21 @@ def read_golden(method: str) -> dict[str, Any]:
 
 def snapshot(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m)
+
+
+def main(method: str, doc: str, official: dict[str, str], setting: dict[str, Any],
+         official_run: Callable[[str], tuple[list[dict], dict[str, Any]]],
+         suite_run: Callable[[dict[str, Any]], list[dict]]) -> None:
+    """The command line of a one-variant comparison: ``--official CHECKOUT [--write-golden]``. ``official_run``
+    returns the official iterations and what the suite's run must be given besides ``setting`` (recorded in the
+    fixture's setting); ``official`` names the repository and files (the commit is read from the checkout)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--official", required=True, help=f"a checkout of github.com/{official['repo']}")
+    ap.add_argument("--write-golden", action="store_true", help="store the official run as the CI fixture")
+    a = ap.parse_args()
+    theirs, extra = official_run(a.official)
+    used = {**setting, **extra}
+    report(method, [compare(o, t) for o, t in zip(suite_run(used), theirs)])
+    if a.write_golden:
+        path = write_golden(method, {**official, "commit": commit_of(a.official)}, used, theirs)
+        print(f"wrote {path}")

@@ -84,3 +84,11 @@ def run_main(checkout: str, script: str, argv: list[str], m0: nn.Module, model: 
                 sys.modules[k] = v
     loader.out.append(common.summary(m0, model))
     return loader.out
+
+
+def cyclic_lrs(steps: list[tuple[float, float]], lr_max: float) -> list[float]:
+    """The lr of each official step, after checking that its momentum is CyclicLR's cycled one,
+    0.9 − 0.1·lr/lr_max — what the suite's ``schedule.momentum = [0.8, 0.9]`` gives."""
+    for lr, mom in steps:
+        assert abs(mom - (0.9 - 0.1 * lr / lr_max)) < 1e-12, (lr, mom)
+    return [lr for lr, _ in steps]

@@ -10,7 +10,6 @@ one step ahead of ``CyclicLR``, documented in docs/methods.md; the momentum foll
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -26,8 +25,8 @@ def _noise(s: dict, i: int, x: torch.Tensor) -> torch.Tensor:
     return (torch.rand(x.shape, dtype=x.dtype) * 2 - 1).mul_(s["eps"])  # bench.attacks.uniform_noise's draw
 
 
-def suite_run(s: dict = SETTING, lrs: list[float] | None = None) -> list[dict]:
-    """The suite's steps at the official steps' learning rates (``lrs``; default: those the fixture recorded)."""
+def suite_run(s: dict) -> list[dict]:
+    """The suite's steps at the official steps' learning rates (``s["official_lrs"]``)."""
     from bench.loader import Batch
     from methods import get_method
 
@@ -43,15 +42,16 @@ def suite_run(s: dict = SETTING, lrs: list[float] | None = None) -> list[dict]:
     out = []
     for i in range(s["iters"]):
         x, y = common.batch(s["batch_seeds"][i], s["n"])
-        method.set_lr((lrs or s["official_lrs"])[i])
+        method.set_lr(s["official_lrs"][i])
         torch.manual_seed(s["noise_seeds"][i])
         method.train_step(Batch(x, y, torch.arange(s["n"])), 0, i)
         out.append(common.summary(m0, method.model))
     return out
 
 
-def official_run(checkout: str, s: dict = SETTING) -> tuple[list[dict], list[float]]:
-    from .fast_adversarial import run_main
+def official_run(checkout: str, s: dict = SETTING) -> tuple[list[dict], dict]:
+    """The official iterations, and the lr of each official step (``official_lrs``)."""
+    from .fast_adversarial import cyclic_lrs, run_main
 
     m0 = common.model(s["seed"], s["arch"])
     batches = [common.batch(b, s["n"]) for b in s["batch_seeds"][:s["iters"]]]
@@ -75,25 +75,13 @@ def official_run(checkout: str, s: dict = SETTING) -> tuple[list[dict], list[flo
     finally:
         torch.Tensor.uniform_ = real_uniform
     assert len(calls) == 3 * s["iters"] and len(steps) == s["iters"]
-    for lr, mom in steps:  # CyclicLR's momentum: 0.9 − 0.1·lr/lr_max, what the suite's schedule.momentum gives
-        assert abs(mom - (0.9 - 0.1 * lr / s["lr"])) < 1e-12
-    return out, [lr for lr, _ in steps]
+    return out, {"official_lrs": cyclic_lrs(steps, s["lr"])}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--official", required=True, help="a checkout of github.com/locuslab/fast_adversarial")
-    ap.add_argument("--write-golden", action="store_true", help="store the official run as the CI fixture")
-    a = ap.parse_args()
-    theirs, lrs = official_run(a.official)
-    ours = suite_run(SETTING, lrs)
-    common.report("fgsm-rs", [common.compare(o, t) for o, t in zip(ours, theirs)])
-    if a.write_golden:
-        path = common.write_golden("fgsm-rs", {"repo": "locuslab/fast_adversarial",
-                                               "commit": common.commit_of(a.official),
-                                               "files": "CIFAR10/train_fgsm.py (main's training loop)"},
-                                   {**SETTING, "official_lrs": lrs}, theirs)
-        print(f"wrote {path}")
+    common.main("fgsm-rs", __doc__, {"repo": "locuslab/fast_adversarial",
+                                     "files": "CIFAR10/train_fgsm.py (main's training loop)"},
+                SETTING, official_run, suite_run)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ momentum cycling) runs as written and every suite replay is given the lr of the 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -20,12 +19,12 @@ SETTING = {"arch": "smallcnn", "seed": 0, "n": 16, "iters": 3, "replays": 4, "lr
            "weight_decay": 5e-4, "eps": 8 / 255, "batch_seeds": [1, 2, 3]}
 
 
-def suite_run(s: dict = SETTING, lrs: list[float] | None = None) -> list[dict]:
-    """The suite's steps at the official steps' learning rates (``lrs``; default: those the fixture recorded)."""
+def suite_run(s: dict) -> list[dict]:
+    """The suite's replays at the official steps' learning rates (``s["official_lrs"]``)."""
     from bench.loader import Batch
     from methods import get_method
 
-    lrs = lrs or s["official_lrs"]
+    lrs = s["official_lrs"]
     m0 = common.model(s["seed"], s["arch"])
     cls = get_method("free-at")
     hp = cls.resolved_defaults()
@@ -42,8 +41,9 @@ def suite_run(s: dict = SETTING, lrs: list[float] | None = None) -> list[dict]:
     return out
 
 
-def official_run(checkout: str, s: dict = SETTING) -> tuple[list[dict], list[float]]:
-    from .fast_adversarial import run_main
+def official_run(checkout: str, s: dict = SETTING) -> tuple[list[dict], dict]:
+    """The official iterations, and the lr of each official step (``official_lrs``)."""
+    from .fast_adversarial import cyclic_lrs, run_main
 
     m0 = common.model(s["seed"], s["arch"])
     batches = [common.batch(b, s["n"]) for b in s["batch_seeds"][:s["iters"]]]
@@ -53,25 +53,13 @@ def official_run(checkout: str, s: dict = SETTING) -> tuple[list[dict], list[flo
         "--momentum", str(s["momentum"]), "--weight-decay", str(s["weight_decay"]), "--epsilon", "8",
         "--minibatch-replays", str(s["replays"])], m0, copy.deepcopy(m0), batches, steps)
     assert len(steps) == s["iters"] * s["replays"]
-    for lr, mom in steps:
-        assert abs(mom - (0.9 - 0.1 * lr / s["lr"])) < 1e-12
-    return out, [lr for lr, _ in steps]
+    return out, {"official_lrs": cyclic_lrs(steps, s["lr"])}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--official", required=True, help="a checkout of github.com/locuslab/fast_adversarial")
-    ap.add_argument("--write-golden", action="store_true", help="store the official run as the CI fixture")
-    a = ap.parse_args()
-    theirs, lrs = official_run(a.official)
-    ours = suite_run(SETTING, lrs)
-    common.report("free-at", [common.compare(o, t) for o, t in zip(ours, theirs)])
-    if a.write_golden:
-        path = common.write_golden("free-at", {"repo": "locuslab/fast_adversarial",
-                                               "commit": common.commit_of(a.official),
-                                               "files": "CIFAR10/train_free.py (main's training loop)"},
-                                   {**SETTING, "official_lrs": lrs}, theirs)
-        print(f"wrote {path}")
+    common.main("free-at", __doc__, {"repo": "locuslab/fast_adversarial",
+                                     "files": "CIFAR10/train_free.py (main's training loop)"},
+                SETTING, official_run, suite_run)
 
 
 if __name__ == "__main__":

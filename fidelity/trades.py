@@ -9,7 +9,6 @@ difference of the update).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -21,7 +20,7 @@ SETTING = {"arch": "smallcnn", "seed": 0, "n": 16, "iters": 3, "lr": 0.1, "momen
            "noise_seeds": [11, 12, 13]}
 
 
-def suite_run(s: dict = SETTING) -> list[dict]:
+def suite_run(s: dict) -> list[dict]:
     from bench.loader import Batch
     from methods import get_method
 
@@ -42,7 +41,8 @@ def suite_run(s: dict = SETTING) -> list[dict]:
     return out
 
 
-def official_run(checkout: str, s: dict = SETTING) -> list[dict]:
+def official_run(checkout: str, s: dict = SETTING) -> tuple[list[dict], dict]:
+    """The official iterations (the suite needs nothing else)."""
     mod = common.load_official(checkout, "trades.py", "official_trades")
     m0 = common.model(s["seed"], s["arch"])
     net = copy.deepcopy(m0)
@@ -64,22 +64,13 @@ def official_run(checkout: str, s: dict = SETTING) -> list[dict]:
             out.append(common.summary(m0, net))
     finally:
         torch.randn = real_randn
-    return out
+    return out, {}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--official", required=True, help="a checkout of github.com/yaodongyu/TRADES")
-    ap.add_argument("--write-golden", action="store_true", help="store the official run as the CI fixture")
-    a = ap.parse_args()
-    theirs = official_run(a.official)
-    ours = suite_run()
-    common.report("trades", [common.compare(o, t) for o, t in zip(ours, theirs)])
-    if a.write_golden:
-        path = common.write_golden("trades", {"repo": "yaodongyu/TRADES", "commit": common.commit_of(a.official),
-                                              "files": "trades.py (trades_loss), train_trades_cifar10.py (the step)"},
-                                   SETTING, theirs)
-        print(f"wrote {path}")
+    common.main("trades", __doc__, {"repo": "yaodongyu/TRADES",
+                                    "files": "trades.py (trades_loss), train_trades_cifar10.py (the step)"},
+                SETTING, official_run, suite_run)
 
 
 if __name__ == "__main__":
