@@ -52,7 +52,7 @@ class AFKD(VAFT):
 
     def setup(self) -> None:
         super().setup()
-        if self.hp.get("teacher_bn", "eval") == "train" and self.dist.enabled:
+        if self.teacher_train_mode and self.dist.enabled:
             raise BenchError(f"{self.name}.teacher_bn = train on {self.dist.world} processes: a train-mode teacher "
                              "normalises with each process's batch statistics; accepted: one process, or "
                              "teacher_bn = eval")
