@@ -27,7 +27,7 @@ class ARREST(AFKD):
     name = "arrest"
     paper = "METHODS.md §12 (AFT + RGKD + noisy replay, Suzuki et al. 2023; AFD Tables 1-2, 5)"
     weight_key = "lam"
-    defaults = {**AFT_DEFAULTS, "lam": 50.0, "theta": 30.0, "replay_epochs": 10}
+    defaults = {**AFT_DEFAULTS, "lam": 50.0, "theta": 30.0, "replay_epochs": 10, "teacher_bn": "eval"}
 
     def representation_shift(self, x: torch.Tensor) -> torch.Tensor:
         """Batch-mean angular distance between teacher and (eval-mode) student features of the clean batch."""

@@ -179,6 +179,20 @@ def pretrained_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("method", ["afkd", "arrest"])
+def test_resume_with_a_train_mode_teacher_equals_an_uninterrupted_run(tmp_path, synthetic, pretrained_file, method):
+    """teacher_bn = train: the teacher's running statistics move with every teacher forward, so they are part of the
+    checkpoint; a resumed run continues from them (bit for bit on a CPU), and they did move."""
+    req = small_request(tmp_path, methods=[method], epochs=3, subset=10, batch_size=32, pretrained=str(pretrained_file),
+                        sets=[f"{method}.attack_steps=2", f"{method}.teacher_bn=train"])
+    cfg = plan(req)[0].cfg
+    a, b = resumed_equals_straight(cfg, synthetic, tmp_path, init_weights=cfg.pretrained_path)
+    ta, tb = a.method.teacher.state_dict(), b.method.teacher.state_dict()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    start = _pretrained().state_dict()
+    assert any(not torch.equal(ta[k], start[k].to(ta[k].dtype)) for k in ta if "running_mean" in k)
+
+
 @pytest.mark.parametrize("method", FAMILY)
 def test_resume_mid_run_equals_an_uninterrupted_run(tmp_path, synthetic, pretrained_file, method):
     req = small_request(tmp_path, methods=[method], epochs=3, subset=10, batch_size=32, pretrained=str(pretrained_file),
