@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -82,7 +83,9 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in theirs["group_norms"].items():
         out[k] = abs(ours["group_norms"][k] - v) / max(abs(v), 1e-300)
-    e1, e2 = torch.tensor(ours["entries"]), torch.tensor(theirs["entries"])
+    # float64: torch.tensor of a list of floats would be float32, which rounds a 1e-16 difference of two entries
+    # either way to float32's ulp (≈ 6e-8 relative) or to nothing
+    e1, e2 = (torch.tensor(e["entries"], dtype=torch.float64) for e in (ours, theirs))
     out["entries"] = float((e1 - e2).norm() / e2.norm().clamp_min(1e-300))
     return out
 
@@ -112,6 +115,38 @@ def read_golden(method: str) -> dict[str, Any]:
 
 def snapshot(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m)
+
+
+def suite_steps(method, m0: nn.Module, s: dict[str, Any], lrs: list[float] | None = None,
+                after: Callable[[torch.Tensor], None] | None = None) -> list[dict[str, Any]]:
+    """The suite's side of a comparison: ``method.train_step`` on the batches of ``s["batch_seeds"]``, each after
+    ``torch.manual_seed`` of its ``s["noise_seeds"]`` entry (where the suite draws its noise), at the lr ``lrs[i]``
+    (default ``s["lr"]``); the summary against ``m0`` of the model after each step (and after ``after(x)``)."""
+    from bench.loader import Batch
+
+    out = []
+    for i in range(s["iters"]):
+        x, y = batch(s["batch_seeds"][i], s["n"])
+        method.set_lr(s["lr"] if lrs is None else lrs[i])
+        torch.manual_seed(s["noise_seeds"][i])
+        method.train_step(Batch(x, y, torch.arange(s["n"])), 0, i)
+        if after is not None:
+            after(x)
+        out.append(summary(m0, method.model))
+    return out
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread inside the block (restored after): these comparisons make many tiny float64 forwards,
+    which two threads make some 40× slower on a two-core machine whose other core is busy (measured: PGD-AT's three
+    steps 15 s → 0.2 s). The thread count changes at most the rounding of a reduction."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def main(method: str, doc: str, official: dict[str, str], setting: dict[str, Any],

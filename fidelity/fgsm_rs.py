@@ -27,7 +27,6 @@ def _noise(s: dict, i: int, x: torch.Tensor) -> torch.Tensor:
 
 def suite_run(s: dict) -> list[dict]:
     """The suite's steps at the official steps' learning rates (``s["official_lrs"]``)."""
-    from bench.loader import Batch
     from methods import get_method
 
     m0 = common.model(s["seed"], s["arch"])
@@ -39,14 +38,7 @@ def suite_run(s: dict) -> list[dict]:
         hp["schedule"] = {**hp["schedule"], "momentum": s["schedule_momentum"]}
     info = {"n": s["n"], "shape": (3, 32, 32), "num_classes": 10, "crop_pad": 4, "flip": True}
     method = cls(hp, copy.deepcopy(m0), None, steps_per_epoch=s["iters"], info=info, fused=False)
-    out = []
-    for i in range(s["iters"]):
-        x, y = common.batch(s["batch_seeds"][i], s["n"])
-        method.set_lr(s["official_lrs"][i])
-        torch.manual_seed(s["noise_seeds"][i])
-        method.train_step(Batch(x, y, torch.arange(s["n"])), 0, i)
-        out.append(common.summary(m0, method.model))
-    return out
+    return common.suite_steps(method, m0, s, lrs=s["official_lrs"])
 
 
 def official_run(checkout: str, s: dict = SETTING) -> tuple[list[dict], dict]:

@@ -21,7 +21,6 @@ SETTING = {"arch": "smallcnn", "seed": 0, "n": 16, "iters": 3, "lr": 0.1, "momen
 
 
 def suite_run(s: dict) -> list[dict]:
-    from bench.loader import Batch
     from methods import get_method
 
     m0 = common.model(s["seed"], s["arch"])
@@ -31,14 +30,7 @@ def suite_run(s: dict) -> list[dict]:
               attack_step=s["step"], attack_steps=s["steps"], beta=s["beta"], init_std=0.001)
     info = {"n": s["n"], "shape": (3, 32, 32), "num_classes": 10, "crop_pad": 4, "flip": True}
     method = cls(hp, copy.deepcopy(m0), None, steps_per_epoch=s["iters"], info=info, fused=False)
-    out = []
-    for i in range(s["iters"]):
-        x, y = common.batch(s["batch_seeds"][i], s["n"])
-        method.set_lr(s["lr"])
-        torch.manual_seed(s["noise_seeds"][i])
-        method.train_step(Batch(x, y, torch.arange(s["n"])), 0, i)
-        out.append(common.summary(m0, method.model))
-    return out
+    return common.suite_steps(method, m0, s)
 
 
 def official_run(checkout: str, s: dict = SETTING) -> tuple[list[dict], dict]:

@@ -19,7 +19,7 @@ FIXTURES = sorted(p.stem for p in common.GOLDEN.glob("*.json"))
 
 def test_there_are_certificates():
     assert {"trades", "fgsm-rs", "free-at", "vaft", "afkd", "afkd@teacher-train", "arrest",
-            "arrest@teacher-train"} <= set(FIXTURES)
+            "arrest@teacher-train", "pgd-at", "rift", "rift@mrc", "rift@interp"} <= set(FIXTURES)
 
 
 @pytest.mark.parametrize("method", FIXTURES)
@@ -92,3 +92,51 @@ def test_teacher_bn_is_checked_and_leaves_recorded_run_hashes_alone():
     assert cfg.run_hash == old.run_hash  # teacher_bn = eval: the hash of runs recorded before the option
     cfg.hp["teacher_bn"] = "train"
     assert cfg.run_hash != old.run_hash
+
+
+def test_entries_are_compared_in_float64():
+    """A fixture's entries are float64 numbers: a difference in the 16th digit is ~1e-16 relative, not rounded to
+    float32's ulp (≈ 6e-8, which a 1e-10 tolerance would report as a difference) or to nothing."""
+    e = [0.1 + k * 1e-3 for k in range(8)]
+    row = {"group_norms": {}, "entries": e}
+    nudged = {"group_norms": {}, "entries": [e[0] * (1 + 2e-16), *e[1:]]}
+    assert common.compare(nudged, row)["entries"] < 1e-15
+    far = {"group_norms": {}, "entries": [e[0] * (1 + 1e-9), *e[1:]]}
+    assert 1e-11 < common.compare(far, row)["entries"] < 1e-9
+
+
+def test_rices_conventions_are_part_of_pgd_ats_update():
+    """Rice et al.'s train_cifar.py attacks in train mode from a start clipped to [0, 1]: the suite's defaults (eval
+    mode, unclipped start, the TRADES / AFD convention) are far from its update."""
+    golden = common.read_golden("pgd-at")
+    runner = importlib.import_module("fidelity.pgd_at")
+    ours = runner.suite_run({**golden["setting"], "attack_bn": "eval", "clip_start": False})
+    assert max(common.compare(ours[-1], golden["iterations"][-1]).values()) > 1e-1
+
+
+def test_pgd_at_attack_bn_and_clip_start_are_checked_and_leave_recorded_run_hashes_alone():
+    from bench.config import RunConfig
+    from bench.errors import BenchError
+    from methods import get_method
+
+    cls = get_method("pgd-at")
+    with pytest.raises(BenchError, match=r"pgd-at.attack_bn = 'keep'; accepted: eval .* or train"):
+        cls.check_hp({**cls.resolved_defaults(), "attack_bn": "keep"})
+    hp = cls.resolved_defaults()
+    cfg = RunConfig(method="pgd-at", dataset="cifar10", arch="smallcnn", seed=0, hp=dict(hp))
+    old = RunConfig(method="pgd-at", dataset="cifar10", arch="smallcnn", seed=0,
+                    hp={k: v for k, v in hp.items() if k not in ("attack_bn", "clip_start")})
+    assert cfg.run_hash == old.run_hash  # the defaults: the hashes of runs recorded before the options
+    for k, v in (("attack_bn", "train"), ("clip_start", True)):
+        assert RunConfig(**{**cfg.to_dict(), "hp": {**hp, k: v}}).run_hash != old.run_hash
+    assert get_method("vaft").resolved_defaults().keys().isdisjoint({"attack_bn", "clip_start"})
+
+
+def test_the_official_rift_step_typo_changes_mrc():
+    """RiFT's D_adv uses alpha=2/225 (a typo for 2/255); the certificate runs the suite at 2/225. At the suite's
+    default 2/255, D_adv and the MRC values are far from the official ones."""
+    golden = common.read_golden("rift@mrc")
+    runner = importlib.import_module("fidelity.rift")
+    ours = runner.suite_run({**golden["setting"], "attack_step": 2 / 255})
+    assert common.compare(ours[0], golden["iterations"][0])["entries"] > 1e-2
+    assert max(common.compare(o, t)["mrc"] for o, t in zip(ours[1:], golden["iterations"][1:])) > 1e-2

@@ -70,6 +70,29 @@ def test_pgd_at_attacks_in_eval_mode_then_trains_in_train_mode_on_the_adversaria
     assert all(mod.training for mod in tiny_model.modules())
 
 
+def test_pgd_at_attack_bn_train_attacks_with_batch_statistics_and_clip_start_clips(tiny_model):
+    """Rice et al.'s conventions (options; fidelity/pgd_at.py): every attack forward in train mode, and the
+    U(−ε, ε) start clipped to [0, 1] (the unclipped default leaves [0, 1] at the saturated pixels)."""
+    b = _batch()
+    b.x[:, :, :4] = 0.0
+    b.x[:, :, 4:8] = 1.0
+    starts = {}
+    for clip in (False, True):
+        m = _method("pgd-at", tiny_model, attack_steps=2, attack_bn="train", clip_start=clip)
+        assert m.attack_bn == "train" and type(m).attack_bn == "eval"
+        tiny_model.train()
+        calls = _trace(tiny_model)
+        torch.manual_seed(0)
+        m.train_step(b, 0, 0)
+        assert [c[0] for c in calls] == [True] * 3  # 2 attack steps + the training forward, all in train mode
+        starts[clip] = calls[0][1]
+        tiny_model._forward_pre_hooks.clear()
+    assert starts[False].min() < 0 and starts[False].max() > 1
+    assert starts[True].min() >= 0 and starts[True].max() <= 1
+    with pytest.raises(BenchError, match="pgd-at.attack_bn = 'keep'"):
+        _method("pgd-at", tiny_model, attack_bn="keep")
+
+
 def test_pgd_at_loss_is_ce_on_the_adversarial_example(tiny_model):
     """The reported loss equals CE of the pre-step model on the example the training forward saw."""
     m = _method("pgd-at", tiny_model, attack_steps=3)
