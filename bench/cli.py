@@ -587,15 +587,24 @@ def status_cmd(results_dir, as_json) -> None:
               help="Results directory whose runs/ are reported.")
 @click.option("--out", "out_dir", type=click.Path(path_type=str),
               help="Where tables/, figures/ and index.html go (default: the results directory).")
-def report_cmd(results_dir, out_dir) -> None:
+@click.option("--reference", "reference", is_flag=False, flag_value="", default=None, metavar="[DIR]",
+              help="Also show the project's shipped reference runs (DIR, default: the clone's results/reference), "
+                   "labelled reference·…, beside your own; they are read, never written.")
+def report_cmd(results_dir, out_dir, reference) -> None:
     """The AFD paper's Tables 1-5 and Figures 1a, 3, 4 (and two overview plots) from the run records, beside the
-    paper's numbers: RESULTS/tables/*.md|csv|tex, RESULTS/figures/*.png|pdf and RESULTS/index.html."""
-    from .report import build
+    paper's numbers: RESULTS/tables/*.md|csv|tex, RESULTS/figures/*.png|pdf and RESULTS/index.html.
+
+    RESULTS (default results/) holds your runs; the project's own are in results/reference/ and enter only with
+    --reference."""
+    from .report import build, shipped_reference
 
     _check_results_dir(results_dir, "--results", write=out_dir is None)  # without --out, the report goes there
     if out_dir is not None:
         _check_results_dir(out_dir, "--out")
-    build(results_dir, out_dir, echo=click.echo)
+    if reference is not None:
+        reference = reference or str(shipped_reference())
+        _check_results_dir(reference, "--reference", write=False)
+    build(results_dir, out_dir, echo=click.echo, reference=reference)
 
 
 @cli.command("perf", short_help="The engine against a papers'-style loop: images/s, s/epoch, peak memory.")

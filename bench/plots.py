@@ -120,6 +120,8 @@ def series_names(groups: list, fixed: tuple[str, ...] = ()) -> tuple[dict[str, s
     base = {}
     for g in groups:
         parts = [str(cfg(g, k)) for k in varying]
+        if g.first.source:  # the shipped reference's settings, beside the user's own
+            parts.append(g.first.source)
         base[g.first.setting] = g.first.method + (f" ({'/'.join(parts)})" if parts else "")
     # two settings collide when they share a name within one panel
     by_name: dict[tuple, list] = {}
@@ -374,7 +376,7 @@ def make_tsne(runs: list) -> tuple[Any, str] | None:
              if r.method == "afd" and (r.dir.path / "tsne.json").is_file()]
     if not found:
         return None
-    run, data = sorted(found, key=lambda t: t[0].name)[0]
+    run, data = sorted(found, key=lambda t: (bool(t[0].source), t[0].name))[0]  # the user's own run first
     plt = _plt()
     fig, axes = _panels(2, plt, w=3.4, h=3.4)
     labels = [int(v) for v in data["labels"]]

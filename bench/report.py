@@ -11,6 +11,11 @@ row it enters.
 Written under ``<results>/tables/`` (Markdown, CSV, LaTeX), ``<results>/figures/`` (PNG, PDF) and
 ``<results>/index.html``. Rows and columns come in a fixed order, so a committed report diffs cleanly when a run is
 added.
+
+The user's runs and the project's shipped ones are kept apart: ``results/`` is the user's (git-ignored), the clone's
+``results/reference/`` is what the project ships (its run records and their report). ``bench report --reference``
+adds the shipped runs as settings of their own, labelled ``reference·<preset>·<hash>``, beside the user's; a
+maintainer regenerates the shipped report with ``bench report --results results/reference``.
 """
 from __future__ import annotations
 
@@ -55,10 +60,13 @@ class Run:
     method_record: dict[str, Any] | None
     setting: str = ""
     label: str = ""
+    source: str = ""  # "" for the user's own runs; "reference" for the project's shipped records beside them
 
     @property
     def name(self) -> str:
-        return self.dir.name
+        """The run's directory name; a shipped reference run's is prefixed (``reference:<dir>``), so that a user's
+        run of the very same setting (the same directory name) never stands in for it, nor it for the user's."""
+        return f"{self.source}:{self.dir.name}" if self.source else self.dir.name
 
     def __getattr__(self, key: str) -> Any:  # method, dataset, arch, seed, preset, hp, ...
         cfg = self.__dict__.get("config", {})
@@ -101,9 +109,12 @@ def epochs_device(metrics: list[dict[str, Any]], config_device: str) -> str:
     return devs[0] if devs else config_device
 
 
-def read_runs(results_dir: str | Path, damaged: list[str] | None = None) -> list[Run]:
+def read_runs(results_dir: str | Path, damaged: list[str] | None = None, source: str = "") -> list[Run]:
     """Every run with records under ``results_dir/runs``; a run whose records cannot be read is left out and
-    described in ``damaged`` (one line each, with the path), so that one bad record never stops a report."""
+    described in ``damaged`` (one line each, with the path), so that one bad record never stops a report.
+    ``source`` (e.g. "reference") marks runs that are not the user's own: their names, setting keys and labels
+    carry it, so that they form settings of their own, labelled as such, and link only to starting models of the
+    same source."""
     from .records import DamagedRecord
 
     runs = []
@@ -117,16 +128,22 @@ def read_runs(results_dir: str | Path, damaged: list[str] | None = None) -> list
             rec = d.read_config()
             metrics = d.read_metrics(start=True)
             run = Run(d, rec["config"], epochs_device(metrics, rec.get("device") or "unknown device"), metrics,
-                      d.read_eval(), d.read_method_record())
+                      d.read_eval(), d.read_method_record(), source=source)
         except (DamagedRecord, ValueError, OSError) as e:  # (method.json is read as plain JSON)
             if damaged is not None:
                 damaged.append(f"{d.name}: {e}")
             continue
         runs.append(run)
+    if source:  # a starting model named in config.json is a run of the same results root: of the same source
+        local = {r.dir.name for r in runs}
+        for r in runs:
+            pre = r.config.get("pretrained")
+            if pre in local:
+                r.config = {**r.config, "pretrained": f"{source}:{pre}"}
     by_name = {r.name: r for r in runs}
     for r in runs:
         r.setting = setting_key(r, by_name)
-        r.label = f"{r.config.get('preset') or 'custom'}·{r.setting[:6]}"
+        r.label = (f"{source}·" if source else "") + f"{r.config.get('preset') or 'custom'}·{r.setting[:6]}"
     return runs
 
 
@@ -138,6 +155,8 @@ def setting_key(run: Run, by_name: dict[str, Run], _depth: int = 0) -> str:
     seeds 0, 1, 2 of AFD, each from the natural model of its own seed, are one setting)."""
     c = run.config
     ident = {k: c.get(k) for k in ("method", "dataset", "arch", "hp", "subset", "normalize", "precision")}
+    if run.source:  # (the user's own runs keep the keys they always had)
+        ident["source"] = run.source
     pre = c.get("pretrained")
     if pre and pre in by_name and _depth < 8:
         ident["pretrained"] = "setting:" + setting_key(by_name[pre], by_name, _depth + 1)
@@ -557,10 +576,12 @@ def tier_table(groups: dict[str, Group], runs: list[Run], preset: str = TIER) ->
         nums.append(num)
     # Kendall's τ against the paper's Table 1, per metric, over the methods both have (one setting per method:
     # the one with the most seeds, then the label order)
+    # (the user's own settings before the shipped reference's, where both are in the report)
     best: dict[str, Group] = {}
+    prefer = lambda g: (not g.first.source, len(g.runs))  # noqa: E731
     for g in gs:
         m = g.first.method
-        if m not in best or len(g.runs) > len(best[m].runs):
+        if m not in best or prefer(g) > prefer(best[m]):
             best[m] = g
     trows, tnums = [], []
     for a in (*ATTACKS, "avg"):
@@ -582,8 +603,11 @@ def tier_table(groups: dict[str, Group], runs: list[Run], preset: str = TIER) ->
 
 def tier_cost(runs: list[Run], preset: str = TIER) -> tuple[int, int, float, float | None]:
     """(finished tier runs, tier runs, wall-clock seconds of their training and evaluation, their CPU seconds —
-    None while some record predates ``cpu_seconds``)."""
+    None while some record predates ``cpu_seconds``): of the user's own tier runs, or of the shipped reference's
+    where the user has none."""
     tier = [r for r in runs if r.config.get("preset") == preset]
+    own = [r for r in tier if not r.source]
+    tier = own or tier
     cpu = [_run_seconds(r, "cpu_seconds") for r in tier]
     return (sum(1 for r in tier if r.done), len(tier), sum(_run_seconds(r) or 0.0 for r in tier),
             None if any(c is None for c in cpu) else sum(cpu))
@@ -656,22 +680,42 @@ TITLES = {
 }
 
 
+def shipped_reference() -> Path:
+    """The project's shipped reference records: ``results/reference/`` of the checkout this package runs from."""
+    return Path(__file__).resolve().parents[1] / "results" / "reference"
+
+
 def build(results_dir: str | Path = "results", out_dir: str | Path | None = None,
-          echo: Callable[[str], None] = print) -> Report:
+          echo: Callable[[str], None] = print, reference: str | Path | None = None) -> Report:
     """Read every run under ``results_dir/runs`` and write the tables, figures and ``index.html`` under
-    ``out_dir`` (default ``results_dir``)."""
+    ``out_dir`` (default ``results_dir``). With ``reference`` (a results root, e.g. :func:`shipped_reference`),
+    its runs are read too, as settings of their own labelled ``reference·…`` beside the user's: never merged with
+    them, never written to (only ``out_dir`` is)."""
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir
     if results_dir.exists() and not results_dir.is_dir():
         raise BenchError(f"--results {results_dir} is a file; accepted: a results directory holding runs/")
+    if reference is not None:
+        reference = Path(reference)
+        if not (reference / "runs").is_dir():
+            raise BenchError(f"--reference {reference} holds no runs/ directory; accepted: a results root with "
+                             "run records, such as the clone's results/reference")
+        if results_dir.resolve() == reference.resolve():
+            raise BenchError(f"--reference {reference} is the results directory itself; accepted: another results "
+                             "root (to report on the reference alone: bench report --results "
+                             f"{reference})")
     damaged: list[str] = []
     runs = read_runs(results_dir, damaged)
+    if reference is not None:
+        runs += read_runs(reference, damaged, source="reference")
     for line in damaged:
         echo(f"damaged (left out of the report): {line}")
     groups = groups_of(runs)
     if not groups:
+        hint = "" if reference is not None else (
+            "; to see the project's shipped reference records instead: bench report --reference")
         raise BenchError(f"no finished runs under {results_dir / 'runs'} to report on; run `bench run` first "
-                         "(e.g. bench run --preset smoke) or pass --results DIR")
+                         f"(e.g. bench run --preset smoke) or pass --results DIR{hint}")
     tables_dir, fig_dir = out / "tables", out / "figures"
     tables: dict[str, tuple[str, Any]] = {}
     files: list[Path] = []
@@ -756,7 +800,10 @@ def write_index(out: Path, tables: dict[str, tuple[str, Any]], figures: dict[str
              f"<p>{plural(len(groups), 'setting')} from {plural(done, 'finished run')}. Ours: mean ± sample "
              "std over seeds, with the number of seeds and the evaluated n; the paper's numbers are from "
              f"{html.escape(_paper().SOURCE)}. “—” marks a missing number, never a zero. † rows of the paper are "
-             "PGD-10 numbers of PreAct-ResNet-18 copied from the ATAS paper.</p>",
+             "PGD-10 numbers of PreAct-ResNet-18 copied from the ATAS paper."
+             + (" Settings labelled <code>reference·…</code> are the project's shipped reference records "
+                "(results/reference/ of the clone), shown beside your own runs, never merged with them."
+                if any(r.source == "reference" for r in runs) else "") + "</p>",
              "<nav><ul>"]
     for name, (title, _) in tables.items():
         parts.append(f'<li><a href="#{name}">{html.escape(title.split(":")[0])}</a></li>')

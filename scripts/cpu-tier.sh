@@ -8,7 +8,8 @@
 #
 #   setsid nohup nice -n 19 scripts/cpu-tier.sh > .tier/log 2>&1 &        # in the background, at low priority
 #
-# DATA (default ../shared/data/cifar10-jpeg.tar.gz) and RESULTS (default results) may be set in the environment.
+# DATA (default ../shared/data/cifar10-jpeg.tar.gz) and RESULTS (default results: yours, git-ignored) may be set in
+# the environment; the project's shipped tier is RESULTS=results/reference (maintainers only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10-jpeg.tar.gz}

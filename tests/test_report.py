@@ -318,3 +318,91 @@ def test_the_cpu_tier_gets_its_own_table_with_seeds_times_and_tau(tmp_path):
     assert "Kendall τ-b" in (tmp_path / "tables" / "tier_tau.md").read_text()
     st = (tmp_path / "tables" / "settings.md").read_text()
     assert "≠ method defaults (scaled)" in st
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the user's runs and the project's shipped reference, kept apart
+
+
+def _tree_digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_the_shipped_reference_stands_beside_the_users_runs_labelled_and_untouched(tmp_path):
+    """A user who re-ran a shipped setting has run directories of the very same names as the reference's: with
+    --reference both appear, as settings of their own (never aggregated), the reference's labelled, each AFD run
+    linked to the natural model of its own source; the reference root is read, never written."""
+    user, ref = tmp_path / "results", tmp_path / "clone" / "results" / "reference"
+    for root, c in ((user, 70.0), (ref, 80.0)):
+        nat = write_run(root, "natural", 0, accs={"clean": c + 10, "pgd20": 0.0, "aa": 0.0}, seconds=(5.0, 5.0),
+                        name="cifar10_resnet18_natural_s0_0000000000", device=CPU)
+        write_run(root, "afd", 0, accs={"clean": c, "pgd20": 40.0, "aa": 35.0}, pretrained=nat,
+                  name="cifar10_resnet18_afd_s0_1111111111", seconds=(20.0, 20.0) if root == user else (9.0, 9.0))
+    before = _tree_digest(ref)
+    build(user, echo=lambda s: None, reference=ref)
+    assert _tree_digest(ref) == before
+    t1 = _rows(user / "tables" / "table1.csv", method="afd", dataset="cifar10")
+    assert sorted(t1["clean_mean"]) == [70.0, 80.0] and set(t1["seeds"]) == {1}
+    md = (user / "tables" / "table1.md").read_text()
+    assert md.count("reference·paper·") == 2 and "| afd " in md  # natural and afd rows of the reference, labelled
+    # Table 5's totals add each AFD run's own natural pre-training (5 + 5 s), never the other source's
+    totals = sorted(_rows(user / "tables" / "table5.csv", method="afd").filter(like="total").iloc[:, 0])
+    assert totals == [28.0, 50.0]
+    assert "shipped reference records" in (user / "index.html").read_text()
+    # without --reference only the user's runs are reported
+    build(user, tmp_path / "mine", echo=lambda s: None)
+    assert "reference·" not in (tmp_path / "mine" / "tables" / "table1.md").read_text()
+
+
+def test_a_fresh_clone_report_points_to_the_reference_and_refuses_it_as_its_own_reference(tmp_path):
+    ref = tmp_path / "reference"
+    write_run(ref, "natural", 0, accs={"clean": 90.0, "pgd20": 0.0, "aa": 0.0})
+    with pytest.raises(BenchError, match="bench report --reference"):
+        build(tmp_path / "results", echo=lambda s: None)
+    with pytest.raises(BenchError, match="is the results directory itself"):
+        build(ref, echo=lambda s: None, reference=ref)
+    with pytest.raises(BenchError, match="holds no runs/"):
+        build(ref, echo=lambda s: None, reference=tmp_path / "nowhere")
+    rep = build(tmp_path / "results", echo=lambda s: None, reference=ref)  # the reference alone, written elsewhere
+    assert rep.done == 1 and (tmp_path / "results" / "index.html").is_file()
+    assert not (ref / "index.html").exists()
+
+
+def test_bench_report_reference_option_defaults_to_the_clones_results_reference(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import bench.report
+    from bench.cli import cli
+
+    ref = tmp_path / "clone" / "results" / "reference"
+    write_run(ref, "natural", 0, accs={"clean": 90.0, "pgd20": 0.0, "aa": 0.0})
+    monkeypatch.setattr(bench.report, "shipped_reference", lambda: ref)
+    user = tmp_path / "results"
+    r = CliRunner().invoke(cli, ["report", "--results", str(user), "--reference"])
+    assert r.exit_code == 0, r.output
+    assert "reference·" in (user / "tables" / "table1.md").read_text()
+    r = CliRunner().invoke(cli, ["report", "--reference", "--results", str(tmp_path / "r2")])  # flag before others
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["report", "--results", str(tmp_path / "r3"), "--reference", str(ref)])
+    assert r.exit_code == 0, r.output
+
+
+def test_what_users_commands_write_is_ignored_by_git_and_the_reference_records_are_not():
+    """A user's bench run / report / perf / sweep write under results/ (runs, tables, figures, index.html, perf,
+    sweeps): git status stays clean. The shipped reference's records are tracked; its weights never are."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    user = ["results/runs/cifar10_smallcnn_afd_s0_0123456789/config.json", "results/runs/x/ckpt/last.safetensors",
+            "results/tables/table1.md", "results/figures/fig1a_feature_gap.png", "results/index.html",
+            "results/perf/cpu-x-2026-12-03.json", "results/sweeps/jobs.json", "results/device-check/summary.md",
+            "results/reference/runs/x/ckpt/model.safetensors", "results/reference/runs/x/.lock"]
+    shipped = ["results/README.md", "results/reference/runs/x/config.json", "results/reference/runs/x/eval.json",
+               "results/reference/tables/tier.md", "results/reference/index.html",
+               "results/reference/perf/peers-cpu-2026-12-03.md"]
+    out = subprocess.run(["git", "-C", str(root), "check-ignore", "--no-index", *user, *shipped],
+                         capture_output=True, text=True).stdout.split()
+    assert sorted(out) == sorted(user)
