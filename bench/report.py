@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import BenchError
+from .config import RunConfig
 from .records import RunDir, list_runs
+
+OPTIONAL_IDENTITY = RunConfig.OPTIONAL_IDENTITY
 
 ATTACKS = ("clean", "pgd20", "aa")
 LABEL = {"clean": "Clean", "pgd20": "PGD-20", "aa": "AA", "avg": "Avg"}
@@ -150,11 +153,27 @@ def read_runs(results_dir: str | Path, damaged: list[str] | None = None, source:
 _SEEDED_NAME = re.compile(r"_s\d+_[0-9a-f]{10}$")
 
 
+def _identity_hp(method: Any, hp: Any) -> Any:
+    """The hyper-parameters as the run identity counts them: without those a method added after runs were
+    recorded, at the value those runs had (``Method.identity_neutral``), so that a record written before such an
+    option and one written after it, at that value, are one setting, as they are one run hash."""
+    from methods import METHODS
+
+    neutral = METHODS.get(method).identity_neutral if method in METHODS else {}
+    if not neutral or not isinstance(hp, dict):
+        return hp
+    return {k: v for k, v in hp.items() if not (k in neutral and v == neutral[k])}
+
+
 def setting_key(run: Run, by_name: dict[str, Run], _depth: int = 0) -> str:
     """A hash of the run's identity without its seed; a suite-trained starting model enters by *its* setting (so
     seeds 0, 1, 2 of AFD, each from the natural model of its own seed, are one setting)."""
     c = run.config
     ident = {k: c.get(k) for k in ("method", "dataset", "arch", "hp", "subset", "normalize", "precision")}
+    ident["hp"] = _identity_hp(c.get("method"), c.get("hp"))
+    # the parts of the run's identity that records carry only where set (bench.config.OPTIONAL_IDENTITY: a hold-out
+    # such as RiFT's PGD-AT base has, the data's digest, ...): a run with one is another setting than one without
+    ident.update({k: c[k] for k in OPTIONAL_IDENTITY if c.get(k) is not None})
     if run.source:  # (the user's own runs keep the keys they always had)
         ident["source"] = run.source
     pre = c.get("pretrained")
@@ -243,6 +262,8 @@ def hp_changes(g: "Group") -> str:
     hp = g.first.hp
     diff = [f"{k}={json.dumps(hp[k], sort_keys=True) if isinstance(hp[k], (dict, list)) else hp[k]}"
             for k in sorted(hp) if k in defaults and hp[k] != defaults[k]]
+    if g.first.config.get("holdout") is not None:  # (a starting model that keeps RiFT's hold-out out of training)
+        diff.append(f"holdout={g.first.config['holdout']} per class")
     return ", ".join(diff)
 
 
@@ -578,7 +599,8 @@ def tier_table(groups: dict[str, Group], runs: list[Run], preset: str = TIER) ->
     # the one with the most seeds, then the label order)
     # (the user's own settings before the shipped reference's, where both are in the report)
     best: dict[str, Group] = {}
-    prefer = lambda g: (not g.first.source, len(g.runs))  # noqa: E731
+    # (and a method's own setting before a starting model made for another method, e.g. RiFT's PGD-AT base)
+    prefer = lambda g: (not g.first.source, len(g.runs), g.first.config.get("holdout") is None)  # noqa: E731
     for g in gs:
         m = g.first.method
         if m not in best or prefer(g) > prefer(best[m]):
@@ -625,7 +647,7 @@ def settings_table(groups: dict[str, Group]) -> Any:
                      "seeds": ",".join(str(s) for s in g.seeds), "precision": c.get("precision"),
                      "pretrained": _SEEDED_NAME.sub("_s*", str(c.get("pretrained"))) if c.get("pretrained") else "",
                      "≠ method defaults (scaled)": hp_changes(g),
-                     "hp": json.dumps(c.get("hp", {}), sort_keys=True)})
+                     "hp": json.dumps(_identity_hp(c.get("method"), c.get("hp", {})), sort_keys=True)})
     return pd.DataFrame(rows)
 
 

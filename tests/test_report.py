@@ -31,7 +31,10 @@ def write_run(root, method, seed, *, dataset="cifar10", arch="resnet18", hp=None
     hp = hp or _hp(method)
     hp["epochs"] = len(seconds)
     if name is None:
-        digest = hashlib.sha256(json.dumps([method, seed, hp, dataset, arch], sort_keys=True).encode()).hexdigest()
+        from bench.report import _identity_hp  # (a name that options added at their recorded value leave alone)
+
+        ident = _identity_hp(method, hp)
+        digest = hashlib.sha256(json.dumps([method, seed, ident, dataset, arch], sort_keys=True).encode()).hexdigest()
         name = f"{dataset}_{arch}_{method}_s{seed}_{digest[:10]}"
     d = Path(root) / "runs" / name
     d.mkdir(parents=True)
@@ -406,3 +409,40 @@ def test_what_users_commands_write_is_ignored_by_git_and_the_reference_records_a
     out = subprocess.run(["git", "-C", str(root), "check-ignore", "--no-index", *user, *shipped],
                          capture_output=True, text=True).stdout.split()
     assert sorted(out) == sorted(user)
+
+
+def test_a_run_with_a_holdout_is_another_setting_than_one_without(tmp_path):
+    """RiFT's PGD-AT base keeps a hold-out out of training (config "holdout"): it is another setting than the plain
+    PGD-AT run of the same seed, never a second seed of it."""
+    write_run(tmp_path, "pgd-at", 0, accs={"clean": 57.0, "pgd20": 35.0, "aa": 31.0}, name="c_r_pgd-at_s0_aaaaaaaaaa")
+    name = write_run(tmp_path, "pgd-at", 0, accs={"clean": 56.5, "pgd20": 34.2, "aa": 30.0},
+                     name="c_r_pgd-at_s0_bbbbbbbbbb")
+    cfg_path = tmp_path / "runs" / name / "config.json"
+    rec = json.loads(cfg_path.read_text())
+    rec["config"]["holdout"] = 100
+    cfg_path.write_text(json.dumps(rec))
+    runs = read_runs(tmp_path)
+    assert len({r.setting for r in runs}) == 2
+    build(tmp_path, echo=lambda s: None)
+    t1 = _rows(tmp_path / "tables" / "table1.csv", method="pgd-at", dataset="cifar10")
+    assert sorted(t1["clean_mean"]) == [56.5, 57.0] and set(t1["seeds"]) == {1}
+
+
+def test_a_record_from_before_an_identity_neutral_option_is_the_same_setting_as_one_after_it():
+    """A method's option added after runs were recorded (Method.identity_neutral) leaves their run hash unchanged at
+    the value they had: the report, too, counts a record without the key and one with it at that value as one
+    setting (two seeds), and one at another value as another setting."""
+    import tempfile
+
+    from methods import METHODS
+
+    method = next(m for m in METHODS.names() if METHODS.get(m).identity_neutral)
+    key, value = next(iter(METHODS.get(method).identity_neutral.items()))
+    with tempfile.TemporaryDirectory() as root:
+        old = {k: v for k, v in _hp(method).items() if k != key}
+        write_run(root, method, 0, hp=old, accs={"clean": 50.0})
+        write_run(root, method, 1, hp={**old, key: value}, accs={"clean": 52.0})
+        other = "__another__" if isinstance(value, str) else (not value if isinstance(value, bool) else value + 1)
+        write_run(root, method, 2, hp={**old, key: other}, accs={"clean": 54.0})
+        runs = {r.seed: r.setting for r in read_runs(root)}
+    assert runs[0] == runs[1] != runs[2]
