@@ -340,6 +340,18 @@ def check_sets(sets: list[tuple[str | None, str, Any]], methods: list[str]) -> N
 # the resolved run
 
 
+def identity_hp(method: str, hp: Any) -> Any:
+    """``hp`` as a run's identity counts it: without the hyper-parameters its method added after runs were recorded,
+    where they hold the value those runs had (``Method.identity_neutral``), so that those runs keep their hashes (and,
+    in ``bench report``, their setting)."""
+    from methods import METHODS
+
+    neutral = METHODS.get(method).identity_neutral if method in METHODS else {}
+    if not neutral or not isinstance(hp, dict):
+        return hp
+    return {k: v for k, v in hp.items() if not (k in neutral and v == neutral[k])}
+
+
 @dataclass
 class RunConfig:
     method: str
@@ -383,12 +395,8 @@ class RunConfig:
     OPTIONAL_IDENTITY = ("holdout", "bn_ranks", "data")  # in the identity only when set: older runs keep their hashes
 
     def identity(self) -> dict[str, Any]:
-        from methods import METHODS
-
         out = {k: getattr(self, k) for k in self.IDENTITY}
-        neutral = METHODS.get(self.method).identity_neutral if self.method in METHODS else {}
-        if neutral and isinstance(self.hp, dict):  # (see Method.identity_neutral)
-            out["hp"] = {k: v for k, v in self.hp.items() if not (k in neutral and v == neutral[k])}
+        out["hp"] = identity_hp(self.method, self.hp)
         out.update({k: getattr(self, k) for k in self.OPTIONAL_IDENTITY if getattr(self, k) is not None})
         return out
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import BenchError
-from .config import RunConfig
+from .config import RunConfig, identity_hp
 from .records import RunDir, list_runs
 
 OPTIONAL_IDENTITY = RunConfig.OPTIONAL_IDENTITY
@@ -153,24 +153,12 @@ def read_runs(results_dir: str | Path, damaged: list[str] | None = None, source:
 _SEEDED_NAME = re.compile(r"_s\d+_[0-9a-f]{10}$")
 
 
-def _identity_hp(method: Any, hp: Any) -> Any:
-    """The hyper-parameters as the run identity counts them: without those a method added after runs were
-    recorded, at the value those runs had (``Method.identity_neutral``), so that a record written before such an
-    option and one written after it, at that value, are one setting, as they are one run hash."""
-    from methods import METHODS
-
-    neutral = METHODS.get(method).identity_neutral if method in METHODS else {}
-    if not neutral or not isinstance(hp, dict):
-        return hp
-    return {k: v for k, v in hp.items() if not (k in neutral and v == neutral[k])}
-
-
 def setting_key(run: Run, by_name: dict[str, Run], _depth: int = 0) -> str:
     """A hash of the run's identity without its seed; a suite-trained starting model enters by *its* setting (so
     seeds 0, 1, 2 of AFD, each from the natural model of its own seed, are one setting)."""
     c = run.config
     ident = {k: c.get(k) for k in ("method", "dataset", "arch", "hp", "subset", "normalize", "precision")}
-    ident["hp"] = _identity_hp(c.get("method"), c.get("hp"))
+    ident["hp"] = identity_hp(c.get("method"), c.get("hp"))
     # the parts of the run's identity that records carry only where set (bench.config.OPTIONAL_IDENTITY: a hold-out
     # such as RiFT's PGD-AT base has, the data's digest, ...): a run with one is another setting than one without
     ident.update({k: c[k] for k in OPTIONAL_IDENTITY if c.get(k) is not None})
@@ -647,7 +635,7 @@ def settings_table(groups: dict[str, Group]) -> Any:
                      "seeds": ",".join(str(s) for s in g.seeds), "precision": c.get("precision"),
                      "pretrained": _SEEDED_NAME.sub("_s*", str(c.get("pretrained"))) if c.get("pretrained") else "",
                      "≠ method defaults (scaled)": hp_changes(g),
-                     "hp": json.dumps(_identity_hp(c.get("method"), c.get("hp", {})), sort_keys=True)})
+                     "hp": json.dumps(identity_hp(c.get("method"), c.get("hp", {})), sort_keys=True)})
     return pd.DataFrame(rows)
 
 

@@ -31,9 +31,9 @@ def write_run(root, method, seed, *, dataset="cifar10", arch="resnet18", hp=None
     hp = hp or _hp(method)
     hp["epochs"] = len(seconds)
     if name is None:
-        from bench.report import _identity_hp  # (a name that options added at their recorded value leave alone)
+        from bench.config import identity_hp  # (a name that options added at their recorded value leave alone)
 
-        ident = _identity_hp(method, hp)
+        ident = identity_hp(method, hp)
         digest = hashlib.sha256(json.dumps([method, seed, ident, dataset, arch], sort_keys=True).encode()).hexdigest()
         name = f"{dataset}_{arch}_{method}_s{seed}_{digest[:10]}"
     d = Path(root) / "runs" / name
