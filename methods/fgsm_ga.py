@@ -1,4 +1,4 @@
-"""FGSM-GA: FGSM training with GradAlign (Andriushchenko & Flammarion 2020) — METHODS.md §7, the GA code's
+"""FGSM-GA: FGSM training with GradAlign (Andriushchenko & Flammarion 2020) — docs/methods.md#fgsm-ga, the GA code's
 ``train.py`` / ``utils.get_input_grad``.
 
 Per mini-batch, every forward in **train** mode, in the official order:
@@ -15,6 +15,15 @@ Per mini-batch, every forward in **train** mode, in the official order:
 0.2 at ε_px = 8. 30 epochs, batch 128, momentum 0.9, weight decay 5e-4, the piecewise-linear cyclic lr
 ``interp(t, [0, 2·30//5 = 12, 30], [0, 0.30, 0])`` per iteration (schedule ``cyclic`` with peak 0.4). The GA code
 trains in apex half precision; the suite trains in fp32 unless ``--precision bf16``.
+
+``g1_saturated``: g₁ at the pixels where x is exactly 0 or 1 (image bounds, crop padding). ``full`` (the default):
+∇ₓ CE(f(x), y), the paper's g₁. The GA code takes g₁ w.r.t. δ through ``clamp(X + δ, 0, 1)`` at δ = 0, a
+``torch.max(torch.min(·, 1), 0)`` whose gradient at those pixels is a tie of the min or the max: ``half`` is what it
+computes under current PyTorch (a tie splits the gradient evenly, since pytorch/pytorch#59669): the FGSM sign is
+unchanged, the GradAlign cosine is not; ``zero`` what it computed under the torch 1.4.0 its Dockerfile pins (a tie
+passes no gradient to the input; presumably the authors' runs): g₁ is 0 there and the FGSM step leaves those pixels
+unchanged (sign 0). The three are equal on images with no pixel at 0 or 1. Certified against the GA code in each reading
+(``fidelity/fgsm_ga.py``); at ``full`` the option is left out of the run identity, so recorded hashes stay.
 """
 from __future__ import annotations
 
@@ -34,6 +43,19 @@ from .base import Method, register_method
 def gradalign_lambda(eps: float) -> float:
     """λ(ε) of the GradAlign scripts, ε in [0, 1] units: exp(ε·255·ln(10)/8 + ln 0.02); λ(8/255) = 0.2."""
     return math.exp(eps * 255.0 * math.log(10.0) / 8.0 + math.log(0.02))
+
+
+G1_SATURATED = ("full", "half", "zero")
+
+
+def g1_at_saturated(g1: torch.Tensor, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """g₁ with its entries at the pixels where x is exactly 0 or 1 kept (``full``), halved (``half``) or zeroed
+    (``zero``): the gradient the GA code's ``clamp(X + δ, 0, 1)`` at δ = 0 passes there under current PyTorch
+    (``half``) or torch 1.4.0 (``zero``); elsewhere g₁ is unchanged. No host sync (an elementwise ``where``)."""
+    if mode == "full":
+        return g1
+    keep = 0.5 if mode == "half" else 0.0
+    return torch.where((x == 0) | (x == 1), g1 * keep, g1)
 
 
 def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor, dist: Dist = SINGLE) -> torch.Tensor:
@@ -75,7 +97,9 @@ class FGSMGA(Method):
         "schedule": {"name": "cyclic", "peak": 0.4},
         "lam": "auto",
         "fgsm_alpha": 1.25,
+        "g1_saturated": "full",
     }
+    identity_neutral = {"g1_saturated": "full"}  # added after runs were recorded: their g₁ is "full"
 
     @classmethod
     def check_hp(cls, hp):
@@ -84,6 +108,10 @@ class FGSMGA(Method):
                                and lam >= 0)
         if not ok:
             raise BenchError(f"fgsm-ga.lam = {lam!r}; accepted: \"auto\" (λ(ε), 0.2 at 8/255) or a number ≥ 0")
+        mode = hp.get("g1_saturated", "full")
+        if mode not in G1_SATURATED:
+            raise BenchError(f"fgsm-ga.g1_saturated = {mode!r}; accepted: full (∇ₓ at x, the default), half (the GA "
+                             "code under current PyTorch) or zero (the GA code under its torch 1.4.0)")
 
     def setup(self) -> None:
         super().setup()
@@ -105,6 +133,7 @@ class FGSMGA(Method):
         self.model.train()
         with bn_mode(self.model, "train"):
             g1, _ = input_grad(self.attack_net, x, y, seed=True)  # at δ = 0, train mode; returned detached
+        g1 = g1_at_saturated(g1, x, self.hp.get("g1_saturated", "full"))
         delta = (self.hp["fgsm_alpha"] * eps * g1.sign()).clamp(-eps, eps)
         x_adv = (x + delta).clamp(0.0, 1.0).detach()
         logits = self.net(x_adv)

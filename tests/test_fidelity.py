@@ -19,7 +19,8 @@ FIXTURES = sorted(p.stem for p in common.GOLDEN.glob("*.json"))
 
 def test_there_are_certificates():
     assert {"trades", "fgsm-rs", "free-at", "vaft", "afkd", "afkd@teacher-train", "arrest",
-            "arrest@teacher-train", "pgd-at", "rift", "rift@mrc", "rift@interp"} <= set(FIXTURES)
+            "arrest@teacher-train", "pgd-at", "rift", "rift@mrc", "rift@interp", "fgsm-ga",
+            "fgsm-ga@g1-half", "fgsm-ga@g1-zero"} <= set(FIXTURES)
 
 
 @pytest.mark.parametrize("method", FIXTURES)
