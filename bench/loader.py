@@ -50,9 +50,10 @@ def window_index(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, h: int, w:
     return bi, ci, rows[:, None, :, None], cols[:, None, None, :]
 
 
-def draw_augment(gen: torch.Generator, total: int, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """The crop offsets and flips of one batch of ``total`` images, drawn from ``gen`` (a CPU generator) in the
-    order :func:`augment` draws them: a (3, total) int64 tensor of rows (y offset, x offset, flip 0/1)."""
+def draw_augment(gen: torch.Generator | None, total: int, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """The crop offsets and flips of one batch of ``total`` images, drawn from ``gen`` (a CPU generator; None: the
+    global RNG, as ATAS draws them) in the order :func:`augment` draws them: a (3, total) int64 tensor of rows
+    (y offset, x offset, flip 0/1)."""
     oy = torch.randint(0, 2 * pad + 1, (total,), generator=gen) if pad > 0 else torch.zeros(total, dtype=torch.int64)
     ox = torch.randint(0, 2 * pad + 1, (total,), generator=gen) if pad > 0 else torch.zeros(total, dtype=torch.int64)
     f = (torch.rand(total, generator=gen) < 0.5) if flip else torch.zeros(total, dtype=torch.bool)

@@ -1,5 +1,6 @@
-"""ATAS: fast adversarial training with adaptive step size (Huang et al. 2023) — METHODS.md §8, the official
-``ATAS.py`` / ``adv_attack.py`` / ``data_aug.py``.
+"""ATAS: fast adversarial training with adaptive step size (Huang et al. 2023) — docs/methods.md#atas (the
+algorithm, its sources, the certificate against the official ``ATAS.py`` / ``adv_attack.py`` / ``data_aug.py``, the
+deviations).
 
 State, kept in the method (so a resumed run continues with the same buffers):
 
@@ -24,7 +25,8 @@ Per mini-batch (the method augments itself, so the engine hands it un-augmented 
 At the start of every 1-based epoch e with e % 10 == 0 and e ≠ the last, the whole buffer is re-drawn U(−ε, ε)
 (``--epochs-reset 10``); v is never reset. Schedule: 30 epochs, lr 0.1, ×0.1 at the official epochs 24 and 28
 (``MultiStepLR`` over iterations: the first step of 0-based epoch 24 ⇒ 1-based 25 and 29 in this suite's
-convention), momentum 0.9, weight decay 5e-4, batch 128. Evaluated on 32×32 test images (METHODS §17 #16).
+convention), momentum 0.9, weight decay 5e-4, batch 128. Evaluated on 32×32 test images (the official test loader
+pads them to 40×40: docs/methods.md#atas, Deviations).
 The official models normalise their input with ImageNet mean/std inside the network; the suite's default is no
 normalisation (Decision 1: inputs in [0, 1], normalisation inside the model only with ``--normalize``, then with the
 dataset's own statistics). Since c = 0.01 compares against ‖∇ₓ‖ in input units, the adaptive step is not
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from bench.attacks import input_grad
 from bench.dist import current_shard, per_example
 from bench.errors import BenchError
-from bench.loader import to_device, window_index
+from bench.loader import draw_augment, to_device, window_index
 from bench.precision import wide
 
 from .base import Method, register_method
@@ -134,12 +136,11 @@ class ATAS(Method):
 
     def draw(self, m: int) -> torch.Tensor:
         """The crop offsets and flips of ``m`` examples from the global RNG (on the CPU, so results do not depend on
-        the device), in this order: m y offsets, m x offsets, m flips; an (m, 3) int64 tensor (oy, ox, flip 0/1)."""
-        p = self.pad
-        oy = torch.randint(0, 2 * p + 1, (m,))
-        ox = torch.randint(0, 2 * p + 1, (m,))
-        flip = (torch.rand(m) < 0.5).long() if self.flip else torch.zeros(m, dtype=torch.int64)
-        return torch.stack([oy, ox, flip], 1)
+        the device), in this order: m y offsets, m x offsets, m flips; an (m, 3) int64 tensor (oy, ox, flip 0/1).
+        The loader's draw (:func:`bench.loader.draw_augment`) from the global generator: the same numbers ATAS drew
+        with its own copy of it (with ``crop_pad`` 0, as the synthetic set's, no offsets are drawn: all 0 either
+        way)."""
+        return draw_augment(None, m, self.pad, self.flip).t().contiguous()
 
     def plan_epoch(self) -> None:
         """The crops and flips of every step of the epoch (the engine's batches of the global batch size over the
@@ -180,7 +181,8 @@ class ATAS(Method):
         data parallelism, whose rows every rank writes)."""
         hp = self.hp
         if epoch + 1 <= hp["warmup_epochs"]:
-            return torch.full((g.shape[0],), float(hp["eps"]), device=g.device)
+            # in g's dtype: float32 (torch's default) would round ε in a float64 run (9e-9 relative, fidelity.atas)
+            return torch.full((g.shape[0],), float(hp["eps"]), device=g.device, dtype=g.dtype)
         v = wide(g.flatten(1)).norm(dim=1).pow(2) * (1 - hp["beta_m"]) + self.gdnorm[idx] * hp["beta_m"]
         self.gdnorm[idx if all_idx is None else all_idx] = self.dist.gather_rows(v)
         eta = hp["step_numerator"] / (1 + v.sqrt() / hp["c"])
