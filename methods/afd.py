@@ -1,8 +1,10 @@
-"""AFD — Adversarial Fine-tuning via Disentanglement (Zhou et al., AAAI 2025), METHODS.md §14, and its variants:
+"""AFD — Adversarial Fine-tuning via Disentanglement (Zhou et al., AAAI 2025) — docs/methods.md#afd (METHODS.md §14;
+its § numbers resolve there as anchors ``#methods-14-1`` … ``#methods-14-7``), and its variants:
 
-* ``afd``: the **code-faithful** update of §14.4 (the one that made the paper's numbers, Decision 4);
-* ``afd-literal``: Algorithm 1 read literally (§14.4 "paper-literal");
-* ``vaft+d``: AFD with γ = 0, disentanglement without alignment (Table 3).
+* ``afd``: the **code-faithful** update of §14.4 (the one that made the paper's numbers, Decision 4), certified
+  against the authors' ``tl+sl.py`` (``fidelity/afd.py``; docs/methods.md#afd, Certification);
+* ``afd-literal``: Algorithm 1 read literally (§14.4 "paper-literal"; docs/methods.md#afd-literal);
+* ``vaft+d``: AFD with γ = 0, disentanglement without alignment (Table 3; docs/methods.md#vaft-d).
 
 Model (§14.1). Between the backbone g and the classifier ω two bias-free d×d linear blocks D₁, D₂, both initialised to
 the identity, so the training model starts as the pre-trained one. Training forward on u: h = g(u), f₁ = D₁h,
@@ -32,20 +34,35 @@ Under data parallelism (bench.dist) G₁, G₂, G₃ are reduced across ranks (w
 batch) in one all-reduce before the three steps, so every rank steps with the global-batch gradients.
 
 (The authors' code backpropagates αL₁, βL₂, L₃ in turn with accumulating gradients and steps after each — which
-modern PyTorch refuses, METHODS §14.4 / §17 #4; computing all three at θ_t reproduces it up to second order in lr.)
+modern PyTorch refuses, METHODS §14.4 / §17 #4. Computing all three at θ_t is that code with every backward reading
+θ_t: equal to ``tl+sl.py`` so run to ≤ 3e-14 relative, float64, three iterations; ``fidelity/afd.py``.)
+
+``reading`` (``afd``, ``vaft+d``): ``simultaneous`` (the default, above) or ``sequential``, the authors' code as
+PyTorch < 1.5 ran it on one GPU: there SGD wrote the stepped weights through ``.data`` into the very tensors autograd
+had saved in the forward, so step 3's backward (of L₃) read the weights θ_{t+½} that O₂ had already stepped, with the
+activations of the forward at θ_t (steps 1 and 2 read θ_t: nothing their backwards read has moved yet). The suite
+reproduces it without mutating anything autograd holds: under ``sequential`` the training forward runs in
+:class:`LateParameters`, whose saved-tensor hooks keep a tensor aliasing a parameter's memory as a reference to the
+parameter and read it back when the backward runs; G₃ is then taken after O₁'s and O₂'s steps
+(:meth:`AFD.sequential_steps`). The training forward stays eager (a compiled graph saves its own tensors), and bf16
+autocast is refused (the backward would read bf16 copies of θ_t, not the parameters). Certified against ``tl+sl.py``
+run with PyTorch 1.1's SGD writing through ``.data`` (``fidelity/afd.py``); it differs from ``simultaneous`` by
+~1e-4 relative after one iteration, ~1e-2 after three (docs/methods.md#afd).
 EMA of every parameter and buffer with decay min(0.999, (t+1)/(t+10)); the EMA copy is what is evaluated.
 Hyper-parameters α = 0.05, β = 0.25, γ = 25, lr₀ 0.025 with the §9 schedule, weight decay 5e-4, 20 epochs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench.dist import seed_loss
+from bench.errors import BenchError
 
 from .afkd import angular_distance
 from .base import Method, register_method
@@ -131,6 +148,40 @@ def _step(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter], grads: Ite
     opt.step()
 
 
+READINGS = ("simultaneous", "sequential")
+
+
+class LateParameters:
+    """Saved-tensor hooks under which a backward reads the parameters as they are when it runs, not as they were in
+    the forward: a tensor autograd saves that aliases a parameter's memory (the parameter, or a view such as the
+    ``weight.t()`` of a linear layer) is packed as a reference to the parameter and its view geometry, and unpacked
+    as that view of the parameter's current value. Any other saved tensor (activations, BN batch statistics, casts)
+    is kept as it was. This is what PyTorch < 1.5 did with an optimiser step between forward and backward: its SGD
+    wrote through ``.data`` into the tensors autograd had saved. Here autograd holds the reference, never the
+    parameter's tensor, so an optimiser step in place is no in-place change of a saved tensor."""
+
+    def __init__(self, params: Iterable[nn.Parameter]):
+        self.by_storage = {p.untyped_storage().data_ptr(): p for p in params}
+        self.aliased: set[int] = set()  # ids of the parameters a backward will read late (tests)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        p = self.by_storage.get(t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+        if p is None or p.dtype != t.dtype or p.device != t.device:
+            return t
+        self.aliased.add(id(p))
+        return p, t.size(), t.stride(), t.storage_offset()
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        p, size, stride, offset = packed
+        return p.detach().as_strided(size, stride, offset)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
 def confusing_label(z1: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y′ = argmax_{k≠y} z₁[k] (METHODS §14.3, §17 #22): never the true label."""
     z = z1.detach().clone()
@@ -147,7 +198,24 @@ class AFD(Method):
     literal = False
     grad_sync = "manual"  # the three gradients come from torch.autograd.grad: reduced in train_step, not by DDP
     defaults = {**AFT_DEFAULTS, "attack_step": 0.007, "alpha": 0.05, "beta": 0.25, "gamma": 25.0,
-                "ema": {"decay": 0.999, "warmup": True}}
+                "ema": {"decay": 0.999, "warmup": True}, "reading": "simultaneous"}
+    identity_neutral = {"reading": "simultaneous"}  # (added after runs were recorded, at their value)
+
+    @classmethod
+    def check_hp(cls, hp):
+        super().check_hp(hp)
+        reading = hp.get("reading", "simultaneous")
+        if reading not in READINGS:
+            raise BenchError(f"{cls.name}.reading = {reading!r}; accepted: simultaneous (all three gradients at θ_t, "
+                             "the default) or sequential (step 3's backward reads the weights step 2 moved, as "
+                             "PyTorch < 1.5 ran the authors' code)")
+        if reading == "sequential" and cls.literal:
+            raise BenchError(f"{cls.name}.reading = 'sequential'; accepted: simultaneous (the sequential reading is "
+                             "the authors' code under old PyTorch, which Algorithm 1 read literally is not; use afd)")
+
+    @property
+    def sequential(self) -> bool:
+        return self.hp.get("reading", "simultaneous") == "sequential"
 
     def setup(self) -> None:
         self.model = Disentangled(self.model)
@@ -156,6 +224,7 @@ class AFD(Method):
         self.theta1 = [p for p in self.model.parameters() if p is not self.model.d2.weight]
         self.omega = self.model.omega()
         self.backbone = None  # g for the training forward heads(); compiled by compile(), else base.features
+        self.late: LateParameters | None = None  # reading = sequential: the hooks of the last training forward
         self.o1 = self.sgd(self.theta2)
         self.o2 = self.sgd(self.theta1)
         self.o = self.sgd(self.theta1)
@@ -167,12 +236,22 @@ class AFD(Method):
         gradient of all its inputs, so a compiled ``heads()`` would run g's backward for G₁ too, which reaches only D₂
         and ω through sg(h); with g compiled alone autograd still prunes it there (G₂ and G₃ run it, as eagerly)."""
         super().compile(reset=reset, fused_step=fused_step)
-        self.backbone = torch.compile(self.model.base.features)
+        if not self.sequential:  # (sequential: g stays eager, its saved tensors must be the parameters themselves)
+            self.backbone = torch.compile(self.model.base.features)
 
     def losses(self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             t = self.teacher_net(x)
-        _, f1, f2, z1, z2 = self.model.heads(x_adv, features=self.backbone)
+        late = contextlib.nullcontext()
+        if self.sequential:
+            if torch.is_autocast_enabled(x_adv.device.type):
+                raise BenchError(f"{self.name}.reading = sequential under bf16 autocast: the backward would read bf16 "
+                                 "copies of the weights, not the stepped parameters; accepted: precision fp32 or "
+                                 "fp64, or reading = simultaneous")
+            self.late = LateParameters(self.model.parameters())  # (kept: the tests read which parameters it aliased)
+            late = self.late.hooks()
+        with late:
+            _, f1, f2, z1, z2 = self.model.heads(x_adv, features=self.backbone)
         y_conf = confusing_label(z1, y)
         l1 = F.cross_entropy(z2, y_conf)
         l2 = F.cosine_similarity(f1, f2.detach(), dim=1).mean()
@@ -189,20 +268,22 @@ class AFD(Method):
         g3 = _grads(seed_loss(L["l3"]), self.theta1)
         return g1, g2, g3
 
+    def o2_gradient(self, g1_omega: list, g2: list) -> list[torch.Tensor]:
+        """O₂'s gradient in the code-faithful update: G₁|ω + G₂ on θ₁ (the ω part of L₁ accumulated with L₂)."""
+        omega_ids = {id(p): g for p, g in zip(self.omega, _dense(g1_omega, self.omega))}
+        g1_theta1 = [omega_ids.get(id(p), torch.zeros_like(p)) for p in self.theta1]
+        return [a + b for a, b in zip(g1_theta1, _dense(g2, self.theta1))]
+
     def apply(self, g1: list, g2: list, g3: list) -> None:
         """The three optimiser steps of §14.4 with the gradients taken at θ_t (see the module docstring)."""
-        g1_d2, g1_omega = _dense(g1[:1], self.theta2), _dense(g1[1:], self.omega)
-        _step(self.o1, self.theta2, g1_d2)
+        _step(self.o1, self.theta2, _dense(g1[:1], self.theta2))
         if self.literal:
             # Algorithm 1 read literally: θ₁ ← θ₁ − η∇(βL₂), then θ₁ ← θ₁ − η∇L₃. A parameter a loss does not
             # depend on (ω in L₂) is not stepped by that optimiser at all.
             _step(self.o2, self.theta1, g2)
             _step(self.o, self.theta1, g3)
             return
-        g2, g3 = _dense(g2, self.theta1), _dense(g3, self.theta1)
-        omega_ids = {id(p): g for p, g in zip(self.omega, g1_omega)}
-        g1_theta1 = [omega_ids.get(id(p), torch.zeros_like(p)) for p in self.theta1]
-        s2 = [a + b for a, b in zip(g1_theta1, g2)]
+        s2, g3 = self.o2_gradient(g1[1:], g2), _dense(g3, self.theta1)
         # O's gradient also carries O₂'s weight-decay term wd·θ_t. The authors ran PyTorch < 1.2 (AFD README), whose
         # SGD added weight decay into ``p.grad`` in place (``d_p = p.grad.data; d_p.add_(weight_decay, p.data)``,
         # torch/optim/sgd.py before 1.5), and their code lets gradients accumulate from step 2 into step 3, so O
@@ -214,13 +295,36 @@ class AFD(Method):
         _step(self.o2, self.theta1, s2)
         _step(self.o, self.theta1, s3)
 
+    def sequential_steps(self, L: dict[str, torch.Tensor]) -> None:
+        """``reading = sequential``: the authors' backward/step pairs in their order, from the one forward (run under
+        :class:`LateParameters` by :meth:`losses`): G₁ → O₁, G₂ → O₂, then G₃, whose backward reads θ_{t+½} (the
+        weights O₂ has stepped) with the activations of θ_t, → O with G₁|ω + G₂ + wd·θ_t + G₃ (O₂'s weight decay
+        left in the accumulated gradient, as in the simultaneous reading). Steps 1 and 2 read θ_t: L₁'s backward
+        runs before any step, and L₂'s reads no weight of D₂ (f₂ enters it detached). Each G is reduced across ranks
+        before its step."""
+        hp, wd = self.hp, self.hp["weight_decay"]
+        g1 = _grads(seed_loss(hp["alpha"] * L["l1"]), self.theta2 + self.omega)
+        self.dist.reduce_grads_(g1)
+        _step(self.o1, self.theta2, _dense(g1[:1], self.theta2))
+        g2 = _grads(seed_loss(hp["beta"] * L["l2"]), self.theta1)
+        self.dist.reduce_grads_(g2)
+        s2 = self.o2_gradient(g1[1:], g2)
+        carried = [a + wd * p.detach() for a, p in zip(s2, self.theta1)]  # at θ_t, before O₂'s step
+        _step(self.o2, self.theta1, s2)
+        g3 = _grads(seed_loss(L["l3"]), self.theta1)  # reads θ_{t+½}
+        self.dist.reduce_grads_(g3)
+        _step(self.o, self.theta1, [c + g for c, g in zip(carried, _dense(g3, self.theta1))])
+
     def train_step(self, batch, epoch, step):
         x_adv = self.pgd_attack(batch.x, batch.y)  # through ω·D₁·g, student in eval mode
         L = self.losses(x_adv, batch.x, batch.y)
-        g1, g2, g3 = self.gradients(L)
-        # under data parallelism: every G becomes the global-batch gradient before any of the three steps
-        self.dist.reduce_grads_([*g1, *g2, *g3])
-        self.apply(g1, g2, g3)
+        if self.sequential:
+            self.sequential_steps(L)
+        else:
+            g1, g2, g3 = self.gradients(L)
+            # under data parallelism: every G becomes the global-batch gradient before any of the three steps
+            self.dist.reduce_grads_([*g1, *g2, *g3])
+            self.apply(g1, g2, g3)
         hp = self.hp
         total = hp["alpha"] * L["l1"] + hp["beta"] * L["l2"] + L["l3"]
         return {"loss": total.detach(), "l1": L["l1"].detach(), "l2": L["l2"].detach(), "l3": L["l3"].detach(),

@@ -12,8 +12,10 @@ statistics and its running statistics drift with every teacher forward. ``train`
 running statistics are then part of the checkpoint; one process only); ``eval`` is the frozen teacher the method
 describes. Both are certified against ``ARREST.py`` (``fidelity/arrest.py``, docs/methods.md).
 
-``vaft+a`` (METHODS §14.7 ablation definitions): vAFT plus γ·D_ang(g_F(x′), sg g_P(x)) with γ = 25 and no D₁/D₂ — the
-same loss with the AFD paper's weight γ.
+``vaft+a`` (METHODS §14.7 ablation definitions; docs/methods.md#vaft-a): vAFT plus γ·D_ang(g_F(x′), sg g_P(x))
+with γ = 25 and no D₁/D₂ — the same loss with the AFD paper's weight γ. No official code: certified against the
+authors' AFKD, ``ARREST.py --RGKD --beta 25`` (``fidelity/afd.py``, fixture ``vaft+a.json``), and checked by
+property tests (tests/test_aft.py).
 """
 from __future__ import annotations
 

@@ -263,3 +263,198 @@ def test_at_identity_init_l2_has_no_gradient_yet():
     m.model.train()
     L = m.losses(b.x, b.x, b.y)
     assert all(g is None or float(g.abs().max()) < 1e-6 for g in m.gradients(L)[1])
+
+
+# -- reading = sequential: the authors' code as PyTorch < 1.5 ran it (docs/methods.md#afd, Options) ----------------
+def _double_method(name="afd", **hp):
+    """As :func:`_method`, in float64 (the two readings differ by ~1e-4 relative after one step: far above float64's
+    rounding)."""
+    m, base = _method(name, **hp)
+    m.model.double()
+    m.teacher.double()
+    return m, base
+
+
+def _double_batch(n=16, seed=1):
+    b = _batch(n, seed)
+    return Batch(b.x.double(), b.y, b.idx)
+
+
+def test_reading_is_checked_and_leaves_recorded_run_hashes_alone():
+    from bench.config import RunConfig
+    from bench.errors import BenchError
+
+    cls = get_method("afd")
+    with pytest.raises(BenchError, match=r"afd.reading = 'parallel'; accepted: simultaneous .* or sequential"):
+        cls.check_hp({**cls.resolved_defaults(), "reading": "parallel"})
+    with pytest.raises(BenchError, match=r"afd-literal.reading = 'sequential'; accepted: simultaneous"):
+        get_method("afd-literal").check_hp({**get_method("afd-literal").resolved_defaults(), "reading": "sequential"})
+    get_method("vaft+d").check_hp({**get_method("vaft+d").resolved_defaults(), "reading": "sequential"})
+    for name in ("afd", "afd-literal", "vaft+d"):
+        hp = get_method(name).resolved_defaults()
+        assert hp["reading"] == "simultaneous"
+        cfg = RunConfig(method=name, dataset="cifar10", arch="smallcnn", seed=0, hp=dict(hp))
+        old = RunConfig(method=name, dataset="cifar10", arch="smallcnn", seed=0,
+                        hp={k: v for k, v in hp.items() if k != "reading"})
+        assert cfg.run_hash == old.run_hash  # simultaneous: the hash of runs recorded before the option
+        if name != "afd-literal":
+            assert RunConfig(**{**cfg.to_dict(), "hp": {**hp, "reading": "sequential"}}).run_hash != old.run_hash
+
+
+def _tiny():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 5)).double().train()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def _hand_derived_late_gradient(net, old, x, y):
+    """The gradient PyTorch < 1.5 computed when a backward ran after the weights were changed in place (through
+    ``.data``) since the forward, derived by hand: each layer passes the gradient back to its input with the weights it
+    has now (conv: none needed here, its input is the image; BN: γ_new·∂x̂/∂x at the forward's batch statistics;
+    linear: dy·W_new) and takes its weights' gradient from the forward's activations (dW = dyᵀ·x_old,
+    dγ = Σ dy·x̂_old, dβ = Σ dy). Built as a surrogate forward whose value is the old forward's and whose gradients
+    are those: ``old`` holds leaves with θ_t's values, ``net`` the new weights (constants here)."""
+    conv, bn, fc = net[0], net[1], net[5]
+    c = F.conv2d(x, old["0.weight"], padding=1)
+
+    def xhat(u):
+        mean, var = u.mean((0, 2, 3), keepdim=True), u.var((0, 2, 3), unbiased=False, keepdim=True)
+        return (u - mean) / torch.sqrt(var + bn.eps)
+
+    xh, xh_old = xhat(c), xhat(c.detach())
+    b = (old["1.weight"].view(1, -1, 1, 1) * xh_old + old["1.bias"].view(1, -1, 1, 1)
+         + bn.weight.detach().view(1, -1, 1, 1) * (xh - xh.detach()))
+    h = F.adaptive_avg_pool2d(F.relu(b), 1).flatten(1)
+    z = h.detach() @ old["5.weight"].t() + old["5.bias"] + (h - h.detach()) @ fc.weight.detach().t()
+    loss = F.cross_entropy(z, y)
+    return dict(zip(old, torch.autograd.grad(loss, list(old.values()))))
+
+
+def test_late_parameters_backward_reads_the_weights_as_they_are_when_it_runs():
+    """A backward under LateParameters after an in-place change of the weights is the hand-derived PyTorch < 1.5
+    gradient (new weights, old activations) and raises no in-place error; without the hooks torch 2.x refuses it;
+    with no change it is the ordinary gradient."""
+    net = _tiny()
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    params = dict(net.named_parameters())
+    old = {k: p.detach().clone().requires_grad_(True) for k, p in params.items()}
+
+    def moved():
+        with torch.no_grad():
+            for k, p in params.items():
+                p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(len(k))))
+
+    late = afd_mod.LateParameters(net.parameters())
+    with late.hooks():
+        loss = F.cross_entropy(net(x), y)
+    plain = dict(zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True)))
+    # the weights a backward formula reads are referenced, not saved: conv, BN and linear weights (biases are not)
+    assert {id(params[k]) for k in ("0.weight", "1.weight", "5.weight")} <= late.aliased
+    moved()
+    got = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    ref = _hand_derived_late_gradient(net, old, x, y)
+    for k in params:
+        assert torch.allclose(got[k], ref[k], rtol=1e-10, atol=1e-13), k
+    assert any(not torch.allclose(got[k], plain[k], rtol=1e-3) for k in params)  # the change shows
+    with torch.no_grad():  # the same without the hooks: the in-place change is refused
+        for k, p in params.items():
+            p.copy_(old[k])
+    loss = F.cross_entropy(net(x), y)
+    moved()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, list(params.values()))
+    # and with nothing moved the hooks change nothing
+    fresh = _tiny()
+    with afd_mod.LateParameters(fresh.parameters()).hooks():
+        loss = F.cross_entropy(fresh(x), y)
+    ordinary = torch.autograd.grad(F.cross_entropy(fresh(x), y), list(fresh.parameters()))
+    for a, b in zip(torch.autograd.grad(loss, list(fresh.parameters())), ordinary):
+        assert torch.equal(a, b)
+
+
+def test_sequential_differs_from_simultaneous_only_through_step_3():
+    """From the same state and draws: O₁'s step (D₂) and O₂'s momentum buffers are the same in both readings (G₁, G₂
+    read θ_t in both); O's gradient, hence θ₁, differs by a measurable second-order amount (~lr relative)."""
+    runs = {}
+    for reading in ("simultaneous", "sequential"):
+        m, _ = _double_method("afd", reading=reading, attack_steps=2)
+        m.model.train()
+        m.set_lr(m.hp["lr"])
+        torch.manual_seed(5)
+        m.train_step(_double_batch(), 0, 0)
+        runs[reading] = m
+    a, b = runs["simultaneous"], runs["sequential"]
+    assert torch.allclose(a.model.d2.weight, b.model.d2.weight, rtol=0, atol=1e-15)
+    for p, q in zip(a.theta1, b.theta1):
+        assert torch.allclose(a.o2.state[p]["momentum_buffer"], b.o2.state[q]["momentum_buffer"], rtol=1e-12,
+                              atol=1e-15)
+    ga = torch.cat([a.o.state[p]["momentum_buffer"].flatten() for p in a.theta1])
+    gb = torch.cat([b.o.state[p]["momentum_buffer"].flatten() for p in b.theta1])
+    rel = float((ga - gb).norm() / ga.norm())
+    assert 1e-5 < rel < 1e-2, rel  # (measured 4.5e-4 here)
+    ta, tb = (torch.cat([p.detach().flatten() for p in m.theta1]) for m in (a, b))
+    assert float((ta - tb).norm()) > 0
+
+
+def test_sequential_step_3_reads_the_weights_step_2_moved(monkeypatch):
+    """Under reading = sequential the backward of L₃ reads θ_{t+½} (after O₂'s step), those of L₁ and L₂ read θ_t;
+    no in-place error is raised on the way."""
+    m, _ = _double_method("afd", reading="sequential", attack_steps=1)
+    fc_w = m.model.base.fc.weight
+    reads, after_step = [], []
+    real_unpack, real_step = afd_mod.LateParameters.unpack, afd_mod._step
+
+    def unpack(packed):
+        if not isinstance(packed, torch.Tensor) and packed[0] is fc_w:
+            reads.append((len(after_step), fc_w.detach().clone()))
+        return real_unpack(packed)
+
+    def step(opt, params, grads):
+        real_step(opt, params, grads)
+        after_step.append(fc_w.detach().clone())
+
+    monkeypatch.setattr(afd_mod.LateParameters, "unpack", staticmethod(unpack))
+    monkeypatch.setattr(afd_mod, "_step", step)
+    theta_t = fc_w.detach().clone()
+    m.model.train()
+    m.train_step(_double_batch(), 0, 0)
+    assert id(fc_w) in m.late.aliased
+    assert len(after_step) == 3  # O₁, O₂, O
+    assert {n for n, _ in reads} == {0, 2}  # ω's weight is read by L₁'s backward (before any step) and by L₃'s
+    for n, value in reads:
+        if n == 0:
+            assert torch.equal(value, theta_t)
+        else:  # after O₁ and O₂: θ_{t+½}, which O₂ moved
+            assert torch.equal(value, after_step[1]) and not torch.equal(value, theta_t)
+
+
+def test_sequential_keeps_the_training_forward_eager_and_refuses_bf16_autocast():
+    from bench.errors import BenchError
+
+    m, _ = _method("afd", reading="sequential")
+    m.compile()
+    assert m.backbone is None  # a compiled graph would save its own tensors, not the parameters
+    b = _batch()
+    m.model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(BenchError, match="reading = sequential under bf16 autocast"):
+            m.losses(b.x, b.x, b.y)
+
+
+def test_the_reading_is_part_of_the_certified_update():
+    """The suite's sequential reading against the simultaneous reading's fixture (tl+sl.py with every backward at
+    θ_t) is far outside the certificates' tolerance: the option selects which of the two the suite reproduces."""
+    import importlib
+
+    from fidelity import common
+
+    golden = common.read_golden("afd")
+    runner = importlib.import_module("fidelity.afd")
+    ours = runner.suite_run({**golden["setting"], "reading": "sequential"})
+    assert max(common.compare(ours[-1], golden["iterations"][-1]).values()) > 1e-3

@@ -20,7 +20,8 @@ FIXTURES = sorted(p.stem for p in common.GOLDEN.glob("*.json"))
 def test_there_are_certificates():
     assert {"trades", "fgsm-rs", "free-at", "vaft", "afkd", "afkd@teacher-train", "arrest",
             "arrest@teacher-train", "pgd-at", "rift", "rift@mrc", "rift@interp", "fgsm-ga",
-            "fgsm-ga@g1-half", "fgsm-ga@g1-zero", "atas", "atas@imagenet-normalize"} <= set(FIXTURES)
+            "fgsm-ga@g1-half", "fgsm-ga@g1-zero", "atas", "atas@imagenet-normalize",
+            "afd", "afd@sequential", "vaft+d", "vaft+a"} <= set(FIXTURES)
 
 
 @pytest.mark.parametrize("method", FIXTURES)
