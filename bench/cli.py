@@ -141,6 +141,8 @@ def list_cmd() -> None:
     click.echo("architectures:")
     for n in MODELS.names():
         click.echo(f"  {n:<{w}} {MODELS.info[n].get('paper') or 'not a paper architecture (CPU smoke runs, tests)'}")
+    for prefix, info in MODELS.family_info.items():
+        click.echo(f"  {prefix + '<name>':<{w}} {info['paper']}")
     click.echo("presets:")
     for n in presets:
         click.echo(f"  {n:<{w}} {load_preset(n).get('description', '')}")
@@ -204,7 +206,9 @@ def _run_options(sweep: bool = False):
         click.option("--normalize/--no-normalize", default=None,
                      help="Put the training set's mean/std inside the model (default: raw [0,1] inputs, as AFD)."),
         click.option("--pretrained", type=click.Path(path_type=str),
-                     help="Starting model for methods that fine-tune (default: the suite trains and reuses its own)."),
+                     help="Starting model for methods that fine-tune (default: the suite trains and reuses its own); "
+                          "for a timm: arch also a timm checkpoint with an ImageNet head, which every model of the "
+                          "command starts from (head new; see the README)."),
         click.option("--sync-bn/--no-sync-bn", default=True, show_default=True,
                      help="With several processes: BatchNorm over the global batch, so the run equals the one-process "
                           "run; --no-sync-bn keeps per-process statistics (faster; a different run)."),
@@ -503,6 +507,9 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
                              f"{run.final_weights} on other data")
         model = create_model(arch, ds.num_classes, ds.channels)
         load_weights(model, weights, normalize=ds.stats() if normalize else None)
+        from .models.timm_backbone import check_input
+
+        check_input(model, ds.channels, ds.image_size, arch)
     state_dir = run.ckpt_dir / "eval-state" if run is not None else None
     record = evaluate(model, ds.test, attacks_l, n=n, eps=float(eps_v), batch_size=batch_size, device=dev, seed=seed,
                       state_dir=state_dir, progress=not quiet)

@@ -365,6 +365,11 @@ class RunConfig:
     precision: str = "fp32"
     pretrained: str | None = None  # a run name (suite-trained) or "file:<sha256>" of --pretrained
     pretrained_path: str | None = None
+    # "file:<sha256>" of a pre-trained backbone (--pretrained of a timm: arch with an ImageNet head) the run's model
+    # starts from, its classifier new: the natural / PGD-AT base runs and the from-scratch methods; part of the
+    # identity only when set
+    init: str | None = None
+    init_path: str | None = None
     attacks: list[str] = field(default_factory=lambda: ["clean", "pgd20", "aa"])
     eval_n: int | None = None
     aa_n: int | None = None
@@ -392,7 +397,7 @@ class RunConfig:
 
     IDENTITY = ("method", "dataset", "arch", "seed", "hp", "subset", "normalize", "precision", "pretrained")
 
-    OPTIONAL_IDENTITY = ("holdout", "bn_ranks", "data")  # in the identity only when set: older runs keep their hashes
+    OPTIONAL_IDENTITY = ("holdout", "bn_ranks", "data", "init")  # in the identity only when set: older runs keep their hashes
 
     def identity(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.IDENTITY}
@@ -407,7 +412,8 @@ class RunConfig:
 
     @property
     def run_name(self) -> str:
-        return f"{self.dataset}_{self.arch}_{self.method}_s{self.seed}_{self.run_hash}"
+        arch = self.arch.replace(":", "-").replace("@", "-r")  # timm:vit_tiny_patch16_224@32 → timm-vit_…-r32
+        return f"{self.dataset}_{arch}_{self.method}_s{self.seed}_{self.run_hash}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -202,6 +202,10 @@ class Trainer:
         torch.manual_seed(hash_seed(cfg.seed, 0xA11))
         model = build_model(cfg, dataset)
         teacher = None
+        if init_weights is None and cfg.init_path is not None:  # a pre-trained backbone, classifier new
+            from .models.timm_backbone import load_backbone
+
+            load_backbone(model, cfg.init_path, digest=cfg.init, run=cfg.run_name)
         if init_weights is not None:
             load_weights(model, init_weights)
             teacher = copy.deepcopy(model)

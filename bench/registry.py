@@ -13,6 +13,9 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self.info: dict[str, dict[str, Any]] = {}
+        # name families: "<prefix><rest>" resolved by a function of <rest> (timm:<model name>)
+        self._families: dict[str, Callable[[str], T]] = {}
+        self.family_info: dict[str, dict[str, Any]] = {}
 
     def add(self, name: str, obj: T, **info: Any) -> T:
         if name in self._items:
@@ -26,6 +29,12 @@ class Registry(Generic[T]):
             return self.add(name, obj, **info)
         return deco
 
+    def add_family(self, prefix: str, resolve: Callable[[str], T], **info: Any) -> None:
+        """Names ``<prefix><rest>`` resolve to ``resolve(rest)`` (which raises a one-line error for a bad ``rest``);
+        ``info['placeholder']`` names ``rest`` in the accepted list of an unknown name."""
+        self._families[prefix] = resolve
+        self.family_info[prefix] = info
+
     def remove(self, name: str) -> None:
         self._items.pop(name, None)
         self.info.pop(name, None)
@@ -34,10 +43,15 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise choice_error(self.kind, name, self._items) from None
+            pass
+        for prefix, resolve in self._families.items():
+            if isinstance(name, str) and name.startswith(prefix):
+                return resolve(name[len(prefix):])
+        families = [f"{p}<{self.family_info[p].get('placeholder', 'name')}>" for p in self._families]
+        raise choice_error(self.kind, name, [*self._items, *families]) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or any(isinstance(name, str) and name.startswith(p) for p in self._families)
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))

@@ -633,7 +633,8 @@ def settings_table(groups: dict[str, Group]) -> Any:
         rows.append({"setting": g.first.label, "key": key, "method": c.get("method"), "dataset": c.get("dataset"),
                      "arch": c.get("arch"), "preset": c.get("preset"), "subset": c.get("subset"),
                      "seeds": ",".join(str(s) for s in g.seeds), "precision": c.get("precision"),
-                     "pretrained": _SEEDED_NAME.sub("_s*", str(c.get("pretrained"))) if c.get("pretrained") else "",
+                     "pretrained": (_SEEDED_NAME.sub("_s*", str(c.get("pretrained"))) if c.get("pretrained") else
+                                    f"backbone {c['init'][:17]}" if c.get("init") else ""),  # (a timm backbone file)
                      "≠ method defaults (scaled)": hp_changes(g),
                      "hp": json.dumps(identity_hp(c.get("method"), c.get("hp", {})), sort_keys=True)})
     return pd.DataFrame(rows)

@@ -103,6 +103,48 @@ def resolve_pretrained(path: str) -> tuple[Path, str | None]:
     return p, method
 
 
+def _timm_backbone(req: RunRequest, arch: str, dataset: str) -> Path | None:
+    """``--pretrained`` of a ``timm:`` arch when it is a pre-trained backbone (a file in timm's key names without a
+    head of the dataset's classes: ImageNet's): then None of the methods starts from it directly; every model of the
+    command starts from it with a new classifier, the fine-tuning methods through their natural (or PGD-AT) base run,
+    which fine-tunes it on the dataset. None otherwise (a starting model, as for the suite's own archs)."""
+    from .models.timm_backbone import is_timm, pretrained_role
+
+    if req.pretrained is None or not is_timm(arch) or not Path(req.pretrained).is_file():
+        return None
+    from .data import planned_dataset
+    from .models import create_model
+
+    ds = planned_dataset(dataset, req.data_dir, req.download)
+    try:
+        role = pretrained_role(create_model(arch, ds.num_classes, ds.channels), req.pretrained)
+    except BenchError as e:
+        raise BenchError(f"--pretrained {req.pretrained}: {e}") from None
+    return Path(req.pretrained) if role == "backbone" else None
+
+
+def _check_timm(req: RunRequest, arch: str, dataset: str, backbone: Path | None) -> None:
+    """A ``timm:`` arch: it takes the dataset's images, under ``--sync-bn`` its BN layers are plain, and the
+    pre-trained backbone fits it (one line each, before any run directory is made)."""
+    from .models.timm_backbone import check_input, check_sync_bn, is_timm, load_backbone
+
+    if not is_timm(arch):
+        return
+    from .data import planned_dataset
+    from .models import create_model
+
+    ds = planned_dataset(dataset, req.data_dir, req.download)
+    model = create_model(arch, ds.num_classes, ds.channels)
+    check_input(model, ds.channels, ds.image_size, arch)
+    if req.world_size > 1 and req.sync_bn:
+        check_sync_bn(model, arch)
+    if backbone is not None:
+        try:
+            load_backbone(model, backbone)
+        except BenchError as e:
+            raise BenchError(f"--pretrained {req.pretrained}: {e}") from None
+
+
 def file_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -157,7 +199,9 @@ def plan(req: RunRequest) -> list[Planned]:
                                         sort_keys=True, default=str).encode()).hexdigest()[:10] if axes else None
     overrides = {"epochs": req.epochs, "batch_size": req.batch_size, "lr": req.lr}
     pretrained_id, pretrained_path = None, None
-    if req.pretrained is not None:
+    backbone = _timm_backbone(req, arch, dataset)  # an ImageNet-pretrained timm file: every model starts from it
+    init = {"init": f"file:{file_digest(backbone)}", "init_path": str(backbone)} if backbone else {}
+    if req.pretrained is not None and backbone is None:
         scratch = [m for m in methods if METHODS.get(m).starts_from == "scratch"]
         if scratch:
             raise BenchError(f"--pretrained {req.pretrained} is for methods that start from a trained model; "
@@ -177,13 +221,14 @@ def plan(req: RunRequest) -> list[Planned]:
     data = data_fingerprint(dataset, req.data_dir, req.download)
     if pretrained_path is not None:  # readable, and fits the architecture: before any run directory is made
         check_pretrained(pretrained_path, req.pretrained, arch, dataset, req.data_dir, req.download)
+    _check_timm(req, arch, dataset, backbone)
     common = dict(dataset=dataset, arch=arch, preset=preset["name"], precision=precision, attacks=attacks, data=data,
                   normalize=bool(_pick(req.normalize, run, "normalize", False)),
                   channels_last=bool(_pick(req.channels_last, run, "channels_last", False)),
                   compile=bool(_pick(req.compile, run, "compile", False)), device=req.device,
                   data_dir=req.data_dir, results_dir=req.results_dir, download=req.download,
                   world_size=req.world_size, sync_bn=req.sync_bn,
-                  bn_ranks=req.world_size if req.world_size > 1 and not req.sync_bn else None, **ints)
+                  bn_ranks=req.world_size if req.world_size > 1 and not req.sync_bn else None, **init, **ints)
     def settings(method: str) -> dict:
         """``common`` with the method's own subset: --subset, else the preset's [method.<name>] / [method."*"] /
         [run] value."""
@@ -199,6 +244,7 @@ def plan(req: RunRequest) -> list[Planned]:
         base_cfg = None
         starts = METHODS.get(m).starts_from
         if starts != "scratch":
+            cfg.init = cfg.init_path = None  # (its starting model starts from the backbone)
             if pretrained_id is not None:
                 cfg.pretrained, cfg.pretrained_path = pretrained_id, str(pretrained_path)
             else:

@@ -78,7 +78,7 @@ def bn_worker(d, out, total: int) -> dict:
             "bgrad": sbn.bias.grad, "running_mean": sbn.running_mean, "running_var": sbn.running_var}
 
 
-def step_setup(name: str, d, total: int, dtype: torch.dtype = torch.float64):
+def step_setup(name: str, d, total: int, dtype: torch.dtype = torch.float64, arch: str = "smallcnn"):
     """A smallcnn (sync BN under DDP), the method ``name`` on it, and a fixed batch of ``total`` random images, in
     ``dtype``: float64 by default, so that a step on 2 ranks equals one process's to ~1e-15 on any CPU (in fp32
     the sign of an attack's gradient turns a reduction order into a flipped pixel of δ, and the gap into chance)."""
@@ -88,7 +88,7 @@ def step_setup(name: str, d, total: int, dtype: torch.dtype = torch.float64):
     from methods import get_method
 
     torch.manual_seed(0)
-    model = create_model("smallcnn", 10).to(dtype)
+    model = create_model(arch, 10).to(dtype)
     teacher = copy.deepcopy(model) if get_method(name).starts_from != "scratch" else None
     x = torch.rand(total, 3, 32, 32).to(dtype)
     y = torch.randint(0, 10, (total,))
@@ -108,13 +108,13 @@ def step_setup(name: str, d, total: int, dtype: torch.dtype = torch.float64):
     return method, batch
 
 
-def step_worker(d, out, names: list[str], total: int, controls: bool = False) -> dict:
+def step_worker(d, out, names: list[str], total: int, controls: bool = False, arch: str = "smallcnn") -> dict:
     """One training step of each method of ``names`` on this rank's rows of a fixed batch. ``controls``: the same
     step with the reduction left out — AFD's gradient all-reduce skipped, the other methods' training forward not
     wrapped in DDP — which must not give the one-process step (so the equality test can fail)."""
     result = {}
     for name in names:
-        method, batch = step_setup(name, d, total)
+        method, batch = step_setup(name, d, total, arch=arch)
         if controls and method.grad_sync == "manual":
             method.dist = copy.copy(method.dist)
             method.dist.reduce_grads_ = lambda grads: None
@@ -127,10 +127,10 @@ def step_worker(d, out, names: list[str], total: int, controls: bool = False) ->
     return result
 
 
-def single_step(name: str, total: int) -> dict:
+def single_step(name: str, total: int, arch: str = "smallcnn") -> dict:
     from bench.dist import SINGLE
 
-    method, batch = step_setup(name, SINGLE, total)
+    method, batch = step_setup(name, SINGLE, total, arch=arch)
     torch.manual_seed(1)
     method.train_step(batch, 0, 0)
     return {k: v.detach().clone() for k, v in method.model.state_dict().items()}

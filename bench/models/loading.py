@@ -100,6 +100,8 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def to_suite_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Map a foreign state dict's names onto ours, folding an AFD disentangler into the classifier."""
+    if hasattr(model, "suite_keys"):  # a timm model: timm's key names (bench.models.timm_backbone)
+        return model.suite_keys(_strip(dict(sd)))
     sd = {k: v for k, v in _strip(dict(sd)).items() if not k.startswith(DROPPED_PREFIXES)}
     # AFD's ResNet_FS: linear1 = D1, linear2 = D2, linear = ω; WideResNet_FS: fc1 = D1, fc2 = D2, fc = ω
     for d1, d2, head in (("linear1", "linear2", "linear"), ("fc1", "fc2", "fc")):
@@ -114,13 +116,15 @@ def to_suite_keys(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, to
 
 
 def load_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor],
-                 normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> nn.Module:
-    """Load ``source`` (a path or a state dict) into ``model`` in place; returns the model.
+                 normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+                 where: str | None = None) -> nn.Module:
+    """Load ``source`` (a path or a state dict) into ``model`` in place; returns the model. ``where``: the name
+    errors give a state dict (default: the path, or "state dict").
 
     Raises a one-line :class:`BenchError` listing the first few missing / unexpected keys, or naming a shape that
     differs (e.g. a checkpoint with another number of classes).
     """
-    where = str(source) if not isinstance(source, dict) else "state dict"
+    where = where or (str(source) if not isinstance(source, dict) else "state dict")
     sd = read_weights(source) if not isinstance(source, dict) else unwrap(source)
     sd = to_suite_keys(sd, model)
     own = model.state_dict()
