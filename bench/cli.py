@@ -133,8 +133,9 @@ def list_cmd() -> None:
     w = max(len(n) for n in [*METHODS.names(), *MODELS.names(), *presets, *(n for n, _ in datasets)]) + 1
     click.echo("methods:")
     for n in METHODS.names():
-        info = METHODS.info[n]
-        click.echo(f"  {n:<{w}} starts from {info['starts_from']:<11} {info['paper']}")
+        info, aliases = METHODS.info[n], METHODS.aliases(n)
+        also = f" (also {', '.join(aliases)})" if aliases else ""
+        click.echo(f"  {n:<{w}} starts from {info['starts_from']:<11} {info['paper']}{also}")
     click.echo("datasets:")
     for n, d in datasets:
         click.echo(f"  {n:<{w}} {d}")

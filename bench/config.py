@@ -66,8 +66,31 @@ def load_preset(name: str | None) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise BenchError(f"preset {name} is not valid TOML ({e})") from None
     check_preset(name, data)
-    return {"run": data.get("run", {}), "method": data.get("method", {}), "name": name,
-            "description": data.get("description", "")}
+    return {"run": _canonical_methods(name, data.get("run", {})), "method": _canonical_tables(name, data),
+            "name": name, "description": data.get("description", "")}
+
+
+def _canonical_methods(name: str, run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` with its ``methods`` under their registered names (an alias such as ``vaft-d`` is ``vaft+d``)."""
+    from methods import METHODS
+
+    if "methods" not in run:
+        return run
+    return {**run, "methods": [METHODS.canonical(m) for m in run["methods"]]}
+
+
+def _canonical_tables(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The ``[method.<name>]`` tables keyed by registered names; one method named by two tables is an error."""
+    from methods import METHODS
+
+    out: dict[str, Any] = {}
+    for m, t in data.get("method", {}).items():
+        key = m if m == "*" else METHODS.canonical(m)
+        if key in out:
+            raise BenchError(f"preset {name}: [method.{m}] and another table both name {key}; accepted: one table "
+                             "per method")
+        out[key] = t
+    return out
 
 
 def check_preset(name: str, data: dict[str, Any]) -> None:
@@ -198,6 +221,10 @@ def parse_sets(items: Iterable[str]) -> list[tuple[str | None, str, Any]]:
             method, key = key.rsplit(".", 1)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or (method is not None and not method):
             raise BenchError(f"malformed --set {item!r}; accepted: key=value or method.key=value")
+        if method is not None:
+            from methods import METHODS
+
+            method = METHODS.canonical(method)  # --set vaft-d.gamma=... is vaft+d's
         parts = _split_grid(item, value.strip())
         out.append((method, key, Grid(tuple(parse_value(p) for p in parts)) if parts else parse_value(value.strip())))
     return out
@@ -396,6 +423,11 @@ class RunConfig:
     sync_bn: bool = True
 
     IDENTITY = ("method", "dataset", "arch", "seed", "hp", "subset", "normalize", "precision", "pretrained")
+
+    def __post_init__(self) -> None:
+        from methods import METHODS
+
+        self.method = METHODS.canonical(self.method)  # an alias (vaft-d) is its method's run (vaft+d), same hash
 
     OPTIONAL_IDENTITY = ("holdout", "bn_ranks", "data", "init")  # in the identity only when set: older runs keep their hashes
 

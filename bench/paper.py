@@ -376,6 +376,17 @@ def _check(kind: str, value: str, allowed: tuple[str, ...] | dict[str, str]) -> 
         raise KeyError(f"unknown {kind} {value!r}; expected one of {tuple(allowed)}")
 
 
+def _method(method: str) -> str:
+    """The tables' key of ``method``: a method's alias (``vaft-d``) is its registered name (``vaft+d``); a method the
+    paper does not report is a KeyError."""
+    if method not in LABELS:
+        from methods import METHODS
+
+        method = METHODS.canonical(method)
+    _check("method", method, LABELS)
+    return method
+
+
 def table12(arch: str) -> list[MainResult]:
     """Table 1 (``resnet18``) or Table 2 (``wrn-34-10``): one record per printed (method, dataset), in the paper's
     row order, datasets in column order."""
@@ -385,7 +396,7 @@ def table12(arch: str) -> list[MainResult]:
 
 def main_result(method: str, dataset: str, arch: str) -> MainResult | None:
     """The Table 1/2 record for (method, dataset, arch); ``None`` if the table has no row for the method."""
-    _check("method", method, LABELS)
+    method = _method(method)
     _check("dataset", dataset, DATASETS)
     for r in table12(arch):
         if r.method == method and r.dataset == dataset:
@@ -396,7 +407,7 @@ def main_result(method: str, dataset: str, arch: str) -> MainResult | None:
 def table5_row(method: str, dagger: bool | None = None) -> TimingRow | None:
     """The Table 5 row of ``method``. PGD-AT has two rows: ``dagger=None`` prefers the paper's own measurement (the
     row without †) and falls back to the † row; ``True`` / ``False`` pick one kind only."""
-    _check("method", method, LABELS)
+    method = _method(method)
     rows = [r for r in TABLE5 if r.method == method and (dagger is None or r.dagger == dagger)]
     rows.sort(key=lambda r: r.dagger)
     return rows[0] if rows else None
@@ -416,7 +427,7 @@ def paper_number(table: TableId, method: str, dataset: str = "cifar10", arch: st
     Unknown method, dataset, arch or metric names raise ``KeyError`` (a typo must not look like a missing number).
     """
     t = _table_number(table)
-    _check("method", method, LABELS)
+    method = _method(method)
     _check("dataset", dataset, DATASETS)
     if arch is not None:
         _check("arch", arch, ARCH_LABELS)

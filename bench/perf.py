@@ -414,6 +414,7 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
     gpu = dev.type == "cuda"
     for m in methods:
         METHODS.get(m)
+    methods = tuple(METHODS.canonical(m) for m in methods)
     arch = arch or ("resnet18" if gpu else "smallcnn")
     batch = batch or (128 if gpu else 64)
     steps = steps or (20 if gpu else 4)

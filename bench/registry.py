@@ -1,4 +1,8 @@
-"""One small registry type shared by models, datasets and methods (timm's ``@register_model`` in spirit)."""
+"""One small registry type shared by models, datasets and methods (timm's ``@register_model`` in spirit).
+
+A name may have aliases: other spellings that :meth:`Registry.get` and ``in`` accept and :meth:`Registry.canonical`
+maps to the registered name, which is the one records, run hashes and listings use (``vaft-d`` for ``vaft+d``: a
+name without ``+`` for TOML bare keys, regular expressions and URLs)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -13,6 +17,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self.info: dict[str, dict[str, Any]] = {}
+        self._aliases: dict[str, str] = {}  # alias -> registered name
         # name families: "<prefix><rest>" resolved by a function of <rest> (timm:<model name>)
         self._families: dict[str, Callable[[str], T]] = {}
         self.family_info: dict[str, dict[str, Any]] = {}
@@ -23,6 +28,22 @@ class Registry(Generic[T]):
         self._items[name] = obj
         self.info[name] = info
         return obj
+
+    def add_alias(self, alias: str, name: str) -> None:
+        """``alias`` resolves to the registered ``name`` everywhere a name is looked up."""
+        if name not in self._items:
+            raise ValueError(f"{self.kind} {name!r} is not registered (alias {alias!r})")
+        if alias in self._items or alias in self._aliases:
+            raise ValueError(f"{self.kind} {alias!r} is already registered")
+        self._aliases[alias] = name
+
+    def canonical(self, name: str) -> str:
+        """The registered name of ``name`` (itself unless it is an alias)."""
+        return self._aliases.get(name, name)
+
+    def aliases(self, name: str) -> list[str]:
+        """The aliases of the registered ``name``."""
+        return sorted(a for a, n in self._aliases.items() if n == name)
 
     def register(self, name: str, **info: Any) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -38,10 +59,11 @@ class Registry(Generic[T]):
     def remove(self, name: str) -> None:
         self._items.pop(name, None)
         self.info.pop(name, None)
+        self._aliases = {a: n for a, n in self._aliases.items() if n != name}
 
     def get(self, name: str) -> T:
         try:
-            return self._items[name]
+            return self._items[self._aliases.get(name, name)]
         except KeyError:
             pass
         for prefix, resolve in self._families.items():
@@ -51,7 +73,8 @@ class Registry(Generic[T]):
         raise choice_error(self.kind, name, [*self._items, *families]) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items or any(isinstance(name, str) and name.startswith(p) for p in self._families)
+        return (name in self._items or name in self._aliases
+                or any(isinstance(name, str) and name.startswith(p) for p in self._families))
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))

@@ -173,6 +173,7 @@ def plan(req: RunRequest) -> list[Planned]:
         raise BenchError("no methods given; pass --methods (e.g. natural,pgd-at) or a --preset that names them")
     for m in methods:
         METHODS.get(m)
+    methods = [METHODS.canonical(m) for m in methods]  # vaft-d is vaft+d: the same runs, hashes and directories
     dataset = _pick(req.dataset, run, "dataset", "synthetic")
     DATASETS.get(dataset)
     arch = _pick(req.arch, run, "arch", "resnet18")

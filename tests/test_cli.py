@@ -294,3 +294,49 @@ def test_the_readme_main_job_table_is_the_smoke_presets():
     table = readme.split("## Quick start", 1)[1].split("method   seed", 1)[1].split("```", 1)[0]
     rows = [ln for ln in table.splitlines() if ln.startswith(("natural", "pgd-at"))]
     assert len(rows) == 2 and all(f"(n={run['aa_n']})" in r and f"(n={run['eval_n']})" in r for r in rows)
+
+
+def test_the_ablations_names_without_plus_are_the_same_runs(capsys, monkeypatch, tmp_path):
+    """``vaft-d`` / ``vaft-a`` (for TOML bare keys, regular expressions, URLs) name ``vaft+d`` / ``vaft+a`` wherever
+    a method is named: --methods, --set, a preset's methods and [method.<name>] tables (cpu.toml's too), the paper's
+    tables. They are the same runs: the registered name, hash and directory."""
+    from pathlib import Path
+
+    from bench import paper
+    from bench.config import RunConfig, load_preset
+    from bench.runner import RunRequest, plan
+
+    def dry(methods, sets):
+        code, out, err = bench(capsys, monkeypatch, "sweep", "--preset", "smoke", "--methods", methods, "--set", sets,
+                               "--results", str(tmp_path / "results"), "--dry-run")
+        assert code == 0, err
+        return out
+
+    plus = dry("vaft+d,vaft+a", "vaft+d.gamma=5")
+    assert "_vaft+d_s0_" in plus and "_vaft+a_s0_" in plus
+    assert dry("vaft-d,vaft-a", "vaft-d.gamma=5") == plus
+
+    def preset(text):
+        (tmp_path / "p.toml").write_text(f'[run]\nmethods = ["natural", "{text[0]}"]\n[method.{text[1]}]\nepochs = 3\n')
+        return [p.cfg for p in plan(RunRequest(preset=str(tmp_path / "p.toml"), results_dir=str(tmp_path / "r")))]
+
+    (nat, plain), (nat2, alias) = preset(("vaft+d", '"vaft+d"')), preset(("vaft-d", "vaft-d"))
+    assert plain.hp["epochs"] == 3 and (plain.run_name, nat.run_name) == (alias.run_name, nat2.run_name)
+    assert plain.method == alias.method == "vaft+d"
+    assert RunConfig(**{**plain.to_dict(), "method": "vaft-d"}).run_hash == plain.run_hash
+    (tmp_path / "two.toml").write_text('[method.vaft-d]\nepochs = 3\n[method."vaft+d"]\nepochs = 4\n')
+    code, _, err = bench(capsys, monkeypatch, "run", "--preset", str(tmp_path / "two.toml"), "--methods", "vaft+d",
+                         "--results", str(tmp_path / "r"))
+    assert code == 2 and "both name vaft+d" in err
+
+    cpu = (Path(__file__).resolve().parent.parent / "bench" / "configs" / "cpu.toml").read_text()
+    alias_cpu = cpu.replace('[method."vaft+d"]', "[method.vaft-d]").replace('"vaft+a"', '"vaft-a"')
+    assert "[method.vaft-d]" in alias_cpu and alias_cpu.count("vaft-a") == 2  # its methods and its table
+    (tmp_path / "cpu-alias.toml").write_text(alias_cpu)
+    mine, shipped = load_preset(str(tmp_path / "cpu-alias.toml")), load_preset("cpu")
+    assert (mine["run"], mine["method"]) == (shipped["run"], shipped["method"])
+
+    assert paper.paper_number("AFD Table 3", "vaft-a", metric="aa") == 46.81
+    assert paper.table5_row("vaft-d") == paper.table5_row("vaft+d")
+    code, out, _ = bench(capsys, monkeypatch, "list")
+    assert "(also vaft-d)" in next(ln for ln in out.splitlines() if ln.split()[:1] == ["vaft+d"])
