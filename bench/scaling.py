@@ -22,10 +22,37 @@ from dataclasses import dataclass, field
 DATASETS = ("cifar10", "cifar100", "tinyimagenet")
 IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "tinyimagenet": 100_000}
 PIXELS = {"cifar10": 32 * 32, "cifar100": 32 * 32, "tinyimagenet": 64 * 64}
-STARTS = {"vaft": "natural", "afkd": "natural", "arrest": "natural", "afd": "natural", "vaft+d": "natural",
-          "vaft+a": "natural", "rift": "pgd-at (holdout)"}
-# seconds per epoch on ResNet-18 / CIFAR-10 for methods Table 5 does not time: the method whose step it shares
-SAME_STEP = {"vaft+d": "afd", "vaft+a": "afkd", "pgd-at (holdout)": "pgd-at"}
+HOLDOUT = " (holdout)"  # a base run trained without its fine-tuning method's held-out slice: "pgd-at (holdout)"
+
+
+def base_of(method: str) -> str | None:
+    """The base run ``method`` waits for, as the grid names it: the model its ``starts_from`` names (natural or
+    PGD-AT), ``"pgd-at (holdout)"`` where the base holds out the method's slice (``base_holdout``, RiFT); None for a
+    method trained from scratch."""
+    from methods import get_method
+
+    from .runner import STARTING_METHOD
+
+    cls = get_method(method)
+    if cls.starts_from == "scratch":
+        return None
+    return STARTING_METHOD[cls.starts_from] + (HOLDOUT if cls.base_holdout else "")
+
+
+def timed_as(method: str, per_epoch: dict[str, float]) -> str:
+    """The method whose seconds per epoch stand for ``method``'s: its own where given, else those of the nearest
+    registered method it is a subclass of, whose step it takes (vaft+d: afd's, vaft+a: afkd's; Table 5 times
+    neither). A held-out base is timed as its method."""
+    from methods import METHODS, get_method
+
+    method = method.removesuffix(HOLDOUT)
+    if method in per_epoch:
+        return method
+    for cls in get_method(method).__mro__[1:]:
+        name = getattr(cls, "name", "")
+        if name in per_epoch and METHODS.get(name) is cls:
+            return name
+    raise KeyError(f"no seconds per epoch for {method!r} nor for a method it subclasses")
 
 
 def paper_cells() -> list[tuple[str, str, str]]:
@@ -95,17 +122,15 @@ def paper_grid(seeds: int = 3, per_epoch: dict[str, float] | None = None) -> lis
     def add(method: str, dataset: str, arch: str, seed: int, after: list[str]) -> str:
         name = f"{dataset}/{arch}/{method}/s{seed}"
         if name not in jobs:
-            key = SAME_STEP.get(method, method)
-            base_method = "pgd-at" if method == "pgd-at (holdout)" else method
-            ep = epochs_of(base_method)
-            jobs[name] = Job(name, method, dataset, arch, seed, ep, ep * per_epoch[key] * scale(dataset, arch), after)
+            ep = epochs_of(method.removesuffix(HOLDOUT))
+            seconds = ep * per_epoch[timed_as(method, per_epoch)] * scale(dataset, arch)
+            jobs[name] = Job(name, method, dataset, arch, seed, ep, seconds, after)
         return name
 
     for method, dataset, arch in paper_cells():
+        base = base_of(method)
         for seed in range(seeds):
-            after = []
-            if method in STARTS:
-                after = [add(STARTS[method], dataset, arch, seed, [])]
+            after = [add(base, dataset, arch, seed, [])] if base else []
             add(method, dataset, arch, seed, after)
     return list(jobs.values())
 
@@ -148,7 +173,7 @@ def critical_path(jobs: list[Job]) -> float:
     return wall_clock(jobs, gpus=10 ** 6)
 
 
-# issue 8's H100 targets for the suite's engine (seconds per ResNet-18 / CIFAR-10 epoch, batch 128): NOT measured
+# the pace the suite's engine aims at on an H100 (seconds per ResNet-18 / CIFAR-10 epoch, batch 128): NOT measured
 TARGETS = {"natural": 1.5, "pgd-at": 6.0, "afd": 8.0}
 
 
@@ -166,13 +191,14 @@ DDP_GPUS, DDP_EFFICIENCY = 8, 0.7  # assumed, not measured (docs/scaling.md says
 def report(seeds: int = 3) -> str:
     """The Markdown tables of docs/scaling.md."""
     jobs = paper_grid(seeds)
-    lines = [f"Runs: {len(jobs)} ({len([j for j in jobs if j.method in ('natural', 'pgd-at (holdout)')])} of them "
+    bases = {b for j in jobs for b in j.after}
+    lines = [f"Runs: {len(jobs)} ({len([j for j in jobs if j.name in bases])} of them "
              f"base runs), {seeds} seeds; {sum(j.epochs for j in jobs)} epochs in all.", "",
              "| pace | GPU-hours | wall clock, 1 GPU | 8 GPUs | 64 GPUs | 64 GPUs, WRN-34-10 Tiny-ImageNet runs on "
              f"{DDP_GPUS}-GPU DDP |",
              "|---|---|---|---|---|---|"]
     for label, per_epoch in (("paper (Table 5, GPU not stated)", None),
-                             ("issue-8 H100 targets (not measured)", target_seconds_per_epoch())):
+                             ("H100 targets (not measured)", target_seconds_per_epoch())):
         js = paper_grid(seeds, per_epoch)
         total = sum(j.seconds for j in js)
         w1, w8, w64 = (wall_clock(js, g) for g in (1, 8, 64))
