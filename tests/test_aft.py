@@ -14,9 +14,13 @@ from bench.models import create_model
 from bench.records import RunDir
 from bench.runner import plan
 from helpers import resumed_equals_straight, run_request, small_request
-from methods import get_method
+from methods import METHODS, get_method
+from methods.vaft import VAFT
 
-FAMILY = ["vaft", "afkd", "arrest", "afd", "afd-literal", "vaft+d", "vaft+a"]
+# the fine-tuning family: every method that starts from the natural model; SKELETON: those on vAFT's skeleton (CE
+# on the PGD example, maybe an alignment term), without AFD's disentangler
+FAMILY = [m for m in METHODS.names() if get_method(m).starts_from == "natural"]
+SKELETON = [m for m in FAMILY if issubclass(get_method(m), VAFT)]
 
 
 def _pretrained(seed=0):
@@ -48,7 +52,9 @@ def test_the_family_is_registered_and_starts_from_the_natural_model():
         assert cls.starts_from == "natural" and cls.attack_bn == "eval"
         hp = cls.resolved_defaults()
         assert (hp["epochs"], hp["lr"], hp["schedule"]["name"], hp["batch_size"]) == (20, 0.025, "suzuki", 128)
-    for name in ("vaft", "afkd", "arrest", "vaft+a"):
+    assert {"vaft", "afkd", "arrest", "afd", "afd-literal", "vaft+d", "vaft+a"} <= set(FAMILY)
+    assert {"vaft", "afkd", "arrest", "vaft+a"} <= set(SKELETON) and "afd" not in SKELETON
+    for name in SKELETON:
         hp = get_method(name).resolved_defaults()
         assert (hp["attack_steps"], hp["attack_step"], hp["ema"]) == (10, 2 / 255, None)
     assert get_method("afkd").resolved_defaults()["lam"] == 50.0
@@ -242,8 +248,13 @@ def _afkd_expected(model_before, teacher, x_in, x_clean, y, weight):
     return F.cross_entropy(model_before.fc(h), y) + weight * (1 - F.cosine_similarity(h, t, dim=1).mean())
 
 
-@pytest.mark.parametrize("name,weight", [("vaft", 0.0), ("afkd", 50.0), ("vaft+a", 25.0), ("arrest", 50.0)])
-def test_training_input_is_the_eval_mode_pgd_example_and_the_loss_is_the_methods(name, weight):
+# the weight of each skeleton method's alignment term (a method added to the skeleton needs its weight here)
+ALIGNMENT_WEIGHT = {"vaft": 0.0, "afkd": 50.0, "vaft+a": 25.0, "arrest": 50.0}
+
+
+@pytest.mark.parametrize("name", SKELETON)
+def test_training_input_is_the_eval_mode_pgd_example_and_the_loss_is_the_methods(name):
+    weight = ALIGNMENT_WEIGHT[name]
     m = _method(name, attack_steps=3)
     if name == "arrest":
         m.hp["replay_epochs"] = 0  # no replay: the PGD branch
@@ -287,7 +298,7 @@ def test_arrest_shift_is_the_teacher_student_angular_distance_on_clean_images():
     assert float(d) == pytest.approx(float(expected), abs=1e-6) and float(d) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["afkd", "arrest", "vaft+a", "afd"])
+@pytest.mark.parametrize("name", FAMILY)
 def test_teacher_weights_and_statistics_never_change(name):
     m = _method(name, attack_steps=2)
     before = copy.deepcopy(m.teacher.state_dict())
@@ -321,7 +332,7 @@ def test_the_schedule_reaches_all_three_afd_optimisers():
     assert all(g["lr"] == pytest.approx(0.01) for o in m.optimizers for g in o.param_groups)
 
 
-@pytest.mark.parametrize("name", ["vaft", "afkd", "arrest", "vaft+a"])
+@pytest.mark.parametrize("name", SKELETON)
 def test_baselines_probe_their_own_g_on_both_sides(name):
     m = _method(name)
     fwd, nat, adv = m.probe(m.model)

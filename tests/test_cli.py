@@ -130,8 +130,10 @@ def test_run_then_status_eval_and_list(capsys, monkeypatch, tmp_path):
     code, out, _ = bench(capsys, monkeypatch, "list")
     assert code == 0 and "pgd-at" in out and "starts from" in out and "tinyimagenet" in out and "smoke" in out
     listed = {line.split()[0]: line for line in out.splitlines() if "starts from" in line}
-    for m in ("trades", "free-at", "fgsm-rs", "fgsm-ga", "atas"):
-        assert "starts from scratch" in listed[m], m
+    from methods import METHODS
+
+    for m in METHODS.names():  # every method, with the model it starts from
+        assert f"starts from {METHODS.get(m).starts_from}" in listed[m], m
     assert "starts from adversarial" in listed["rift"] and "§13" in listed["rift"]
     # a failed sanity check marks the run in every table that shows it
     from bench.records import RunDir

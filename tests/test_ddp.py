@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 
 import ddp_workers as W
 from bench.dist import SINGLE, Dist, Shard, even_shard, per_example, seed_loss, without_option
+from methods import METHODS as REGISTRY
 
 pytestmark = pytest.mark.slow
 
@@ -130,8 +131,8 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].dtype.is_floating_point)
 
 
-STEP_METHODS = ["natural", "pgd-at", "trades", "free-at", "fgsm-rs", "fgsm-ga", "atas", "vaft", "afkd", "arrest",
-                "afd", "afd-literal", "vaft+d", "vaft+a"]
+# every registered method but RiFT (its training step is natural training of one module: see the fixture)
+STEP_METHODS = [m for m in REGISTRY.names() if m != "rift"]
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +204,7 @@ def test_ranks_whose_parameters_differ_are_caught(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # end to end: bench run --nproc 2 (torchrun)
 
+# a pick: the base, PGD, AFD (gradients reduced by hand) and the two with per-example state (ATAS, Free-AT)
 METHODS = ["natural", "pgd-at", "afd", "atas", "free-at"]
 ARGS = ["--preset", "smoke", "--methods", ",".join(METHODS), "--subset", "16", "--epochs", "2", "--batch-size", "80",
         "--attacks", "clean,pgd20", "--eval-n", "64", "--probe-n", "8", "--device", "cpu", "-q",

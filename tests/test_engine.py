@@ -17,6 +17,7 @@ def _trainer(cfg, dataset, run):
     return Trainer(cfg, dataset, run, progress=False, echo=lambda s: None)
 
 
+# the two base methods; the others resume in tests/test_scratch.py, test_aft.py and test_rift.py
 @pytest.mark.parametrize("method", ["natural", "pgd-at"])
 def test_interrupted_then_resumed_run_reaches_bit_identical_weights(tmp_path, synthetic, method):
     cfg = plan(small_request(tmp_path, methods=[method], epochs=3, subset=10))[0].cfg

@@ -9,16 +9,16 @@ import re
 import pytest
 
 from bench import plots
-from bench.report import build, groups_of, read_runs
+from bench.report import build, groups_of, method_order, read_runs
+from methods import METHODS as REGISTRY
 from test_report import _hp, write_run
 
-METHODS = ["natural", "pgd-at", "trades", "free-at", "fgsm-rs", "fgsm-ga", "atas", "vaft", "rift", "afkd", "arrest",
-           "afd", "vaft+d", "vaft+a"]
+METHODS = method_order(REGISTRY.names())  # every registered method, natural first
 ONE_THREAD = "cpu (test CPU, 1 threads)"
 
 
 def many_records(root):
-    """14 methods on CIFAR-10/ResNet-18 within a point of each other (the paper's rows lie there too), vAFT in two
+    """Every method on CIFAR-10/ResNet-18 within a point of each other (the paper's rows lie there too), vAFT in two
     settings (by lr), PGD-AT in two (by its starting model, which no short name tells apart), AFD's γ grid, a t-SNE of AFD, all timed on a one-thread CPU."""
     nat = write_run(root, "natural", 0, accs={"clean": 92.0, "pgd20": 0.0, "aa": 0.0}, seconds=(5.0, 5.0),
                     device=ONE_THREAD, name="cifar10_resnet18_natural_s0_0000000000")

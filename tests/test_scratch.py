@@ -14,13 +14,14 @@ from bench.records import RunDir
 from bench.runner import plan
 from bench.schedules import lr_at
 from helpers import resumed_equals_straight, small_request
-from methods import get_method
+from methods import METHODS, get_method
 from methods.atas import crop_flip, uncrop_flip_
 from methods.fgsm_ga import gradalign_lambda, gradalign_reg
 from methods.trades import kl_sum, trades_attack
 
 EPS = 8 / 255
-FAMILY = ["trades", "free-at", "fgsm-rs", "fgsm-ga", "atas"]
+# every method trained from scratch but the two base methods (their resume: tests/test_engine.py)
+FAMILY = [m for m in METHODS.names() if get_method(m).starts_from == "scratch" and m not in ("natural", "pgd-at")]
 
 
 def _model(seed=0):

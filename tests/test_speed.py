@@ -152,6 +152,8 @@ def test_the_attacks_take_the_fused_step_in_eval_mode_only(tiny_model):
 
 
 @pytest.mark.slow
+# a pick, one per kind of compiled forward (PGD, AFD's backbone, the AFT teachers, TRADES's KL attack); every method
+# compiled: tests/test_gpu_paths_methods.py
 @pytest.mark.parametrize("name", ["pgd-at", "afd", "afkd", "arrest", "trades"])
 def test_a_compiled_method_steps_as_the_eager_one(tiny_model, name):
     """One training step of the compiled method (its forwards compiled, the attack's steps fused; AFD's backbone and

@@ -18,7 +18,7 @@ from bench.models.loading import load_weights
 from bench.models.timm_backbone import TimmClassifier, load_backbone, pretrained_role
 from bench.runner import plan
 from helpers import bench_cli, resumed_equals_straight, run_request, small_request
-from methods import get_method
+from methods import METHODS, get_method
 
 ARCHS = ["timm:resnet10t", "timm:convnext_atto", "timm:test_vit@32"]
 KWARGS = {"timm:resnet10t": {}, "timm:convnext_atto": {}, "timm:test_vit@32": {"img_size": 32}}
@@ -156,7 +156,7 @@ def test_the_afd_fold_reproduces_the_unfolded_logits(arch):
     assert torch.allclose(folded(x), m.model(x), atol=1e-5)
 
 
-AFT = ["vaft", "afkd", "arrest", "afd"]
+AFT = ["vaft", "afkd", "arrest", "afd"]  # a pick: the paper's four fine-tuning methods, on every timm family
 
 
 @pytest.mark.parametrize("method", AFT)
@@ -194,13 +194,9 @@ def test_one_training_step_of_each_fine_tuning_method_moves_the_student(arch, me
     assert all(torch.equal(v, t_before[k]) for k, v in m.teacher.state_dict().items())
 
 
-OTHERS = ["natural", "pgd-at", "trades", "free-at", "fgsm-rs", "fgsm-ga", "atas", "afd-literal", "vaft+d", "vaft+a"]
-
-
-def test_the_method_lists_cover_every_registered_method():
-    from methods import METHODS
-
-    assert sorted([*AFT, *OTHERS, "rift"]) == sorted(METHODS.names())
+# every other registered method, on one timm model (RiFT's training step is natural training of one module; its
+# stage on a timm model is tested below)
+OTHERS = [m for m in METHODS.names() if m not in AFT and m != "rift"]
 
 
 @pytest.mark.parametrize("method", OTHERS)
