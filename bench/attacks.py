@@ -109,8 +109,7 @@ class ParamsDetached(nn.Module):
     It exists for ``torch.compile``: eager autograd prunes the weight gradients that ``torch.autograd.grad(loss, x)``
     does not ask for, but a compiled forward's backward (AOTAutograd) computes the gradient of every graph input that
     requires one, so a compiled attack would compute every weight gradient and throw it away. Compiled on top of this
-    wrapper, the graph's parameters do not require gradients and the backward computes the input gradient only
-    (smallcnn, batch 64, eval-mode BN, 2-core Xeon: 14.7 → 9.4 ms per forward and input backward, fp32)."""
+    wrapper, the graph's parameters do not require gradients and the backward computes the input gradient only."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -129,8 +128,7 @@ class CompiledAttackForward:
     engine's walk of the compiled backward, ``sign``, the step and the two clips to eager ops, each its own kernel
     and pass over the batch. One graph of ``x′ ↦ Π_ε(x′ + step·sign ∇_{x′} loss(f(x′), y))`` (the gradient by
     ``torch.func.grad``) fuses them with the forward's and backward's own kernels and calls the autograd engine not
-    at all (TRADES' 10-step attack, smallcnn, batch 64, bf16, 2-core Xeon: about 0.72× the time of the compiled
-    forward with eager steps).
+    at all (``bench perf --ablate-fused-step`` times what that buys on a device).
 
     ``torch.func.grad`` cannot run a function that updates a captured buffer in place, which a train-mode
     BatchNorm does; so the fused step is taken only when no module of ``model`` is in train mode, and

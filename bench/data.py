@@ -108,7 +108,7 @@ class Dataset:
     def fingerprint(self) -> str:
         """A digest of the decoded content — every image and label of both splits, the class names — not of where
         it came from: the same images give the same fingerprint from a pickle, a folder or an archive, and a run's
-        identity (``RunConfig.data``) changes when its data does. About 0.2 s for CIFAR-10; computed once."""
+        identity (``RunConfig.data``) changes when its data does. Computed once per dataset, then kept."""
         fp = self.__dict__.get("_fingerprint")
         if fp is None:
             h = hashlib.sha256(b"aft-bench data v1\n")

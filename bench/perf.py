@@ -174,8 +174,8 @@ def engine_settings(device: torch.device, *, compile_: bool | None = None, preci
                     channels_last: bool | None = None) -> dict[str, Any]:
     """The engine's settings on ``device``: what is given, else the fastest the device supports — on a GPU bf16
     autocast, channels_last, ``torch.compile`` and a fused SGD; on a CPU ``torch.compile`` where a C++ compiler is
-    installed, bf16 where it is native (:func:`native_bf16`), the contiguous format (channels_last, with or without
-    compile, timed within ±5 % of it for the CPU's smallcnn steps on a 2-core Xeon) and the for-loop SGD."""
+    installed, bf16 where it is native (:func:`native_bf16`), the contiguous format (channels_last gains a CPU
+    nothing, with or without compile) and the for-loop SGD."""
     gpu = device.type == "cuda"
     if precision is not None and precision not in PERF_PRECISIONS:  # (fp64 is a reference, not a speed setting)
         raise BenchError(f"bench perf: precision {precision!r}; accepted: {', '.join(PERF_PRECISIONS)}")

@@ -5,9 +5,9 @@ global average pooling and one linear layer.
 * ``smallcnn-x2``: the same at twice the width, 16-32-64-128, d = 128, 99 k parameters;
 * ``smallvgg``: two convs per stage (VGG-style), widths 16-32-64-128, d = 128, 295 k parameters.
 
-The last two were the wider candidates measured for the CPU tier (``bench/configs/cpu.toml``, README "The CPU
-tier"). All have BatchNorm, so every BN-mode convention of the attacks applies to them as to the ResNets; none is a
-paper architecture and the report never compares them with the paper's numbers as if they were.
+The two wider ones are for the CPU tier, which trains ``smallvgg`` (``bench/configs/cpu.toml``; README "The CPU
+tier" says why that one). All have BatchNorm, so every BN-mode convention of the attacks applies to them as to the
+ResNets; none is a paper architecture and the report never compares them with the paper's numbers as if they were.
 """
 from __future__ import annotations
 
