@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 from .fsutil import atomic_write
 
-# one colour and one marker per registered method, in the paper's row order (bench.report.PAPER_ORDER); a method
-# registered later gets a colour from FALLBACK, chosen by its name (stable across figures and runs)
+# one colour and one marker per registered method, in the report's row order (bench.report.method_order); a method
+# without a colour here gets one from FALLBACK, chosen by its name (stable across figures and runs)
 METHOD_COLORS = {
     "natural": "#7f7f7f", "pgd-at": "#1f77b4", "trades": "#ff7f0e", "free-at": "#2ca02c", "fgsm-rs": "#9467bd",
     "fgsm-ga": "#8c564b", "atas": "#e377c2", "vaft": "#17becf", "rift": "#bcbd22", "afkd": "#000080",
@@ -57,13 +57,14 @@ def _plt():
 
 def method_style(method: str) -> tuple[str, str]:
     """(colour, marker) of a method: fixed per method name, the same in every figure."""
-    from .report import PAPER_ORDER
+    from .report import method_order
 
     if method in METHOD_COLORS:
         color = METHOD_COLORS[method]
     else:
         color = FALLBACK[sum(method.encode()) % len(FALLBACK)]
-    order = PAPER_ORDER + sorted(m for m in _registered() if m not in PAPER_ORDER)
+    registered = _registered()
+    order = method_order(registered) if registered else []
     idx = order.index(method) if method in order else sum(method.encode())
     return color, MARKERS[idx % len(MARKERS)]
 

@@ -37,9 +37,6 @@ OPTIONAL_IDENTITY = RunConfig.OPTIONAL_IDENTITY
 ATTACKS = ("clean", "pgd20", "aa")
 LABEL = {"clean": "Clean", "pgd20": "PGD-20", "aa": "AA", "avg": "Avg"}
 DASH = "—"
-# the order of the paper's rows; methods without a paper row follow in name order
-PAPER_ORDER = ["natural", "pgd-at", "trades", "free-at", "fgsm-rs", "fgsm-ga", "atas", "vaft", "rift", "afkd",
-               "arrest", "afd", "afd-literal", "vaft+d", "vaft+a"]
 PAPER_DATASETS = ["cifar10", "cifar100", "tinyimagenet"]
 ABLATION = ["vaft", "vaft+d", "vaft+a", "afd"]
 # the CPU tier (bench/configs/cpu.toml): its runs get a table of their own, never beside the paper's ResNet-18 rows
@@ -234,8 +231,15 @@ def groups_of(runs: list[Run], done_only: bool = True) -> dict[str, Group]:
 
 
 def method_order(methods: list[str]) -> list[str]:
-    known = [m for m in PAPER_ORDER if m in methods]
-    return known + sorted(m for m in methods if m not in PAPER_ORDER)
+    """``methods`` in the order of the report's rows: by each method's ``report_row`` (the paper's row order), then
+    those without one and names no method is registered under (records of a retired method), by name."""
+    from methods import METHODS
+
+    def key(m: str) -> tuple[bool, int, str]:
+        row = METHODS.get(m).report_row if m in METHODS else None
+        return row is None, row or 0, m
+
+    return sorted(dict.fromkeys(methods), key=key)
 
 
 def hp_changes(g: "Group") -> str:

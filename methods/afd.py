@@ -192,6 +192,7 @@ def confusing_label(z1: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @register_method
 class AFD(Method):
     name = "afd"
+    report_row = 120
     starts_from = "natural"
     paper = "METHODS.md §14, code-faithful update of §14.4 (Zhou et al. 2025, Algorithm 1 as the code runs it)"
     attack_bn = "eval"
@@ -352,6 +353,7 @@ class AFD(Method):
 @register_method
 class AFDLiteral(AFD):
     name = "afd-literal"
+    report_row = 130
     paper = "METHODS.md §14.4 'paper-literal': Algorithm 1 read literally (L1 moves only D2, no double counting)"
     literal = True
 
@@ -359,5 +361,6 @@ class AFDLiteral(AFD):
 @register_method
 class VAFTPlusD(AFD):
     name = "vaft+d"
+    report_row = 140
     paper = "AFD Table 3 ablation: AFD without the alignment term (γ = 0) (METHODS.md §14.7)"
     defaults = {**AFD.defaults, "gamma": 0.0}

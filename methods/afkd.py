@@ -39,6 +39,7 @@ def angular_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @register_method
 class AFKD(VAFT):
     name = "afkd"
+    report_row = 100
     starts_from = "natural"
     paper = "METHODS.md §11 (AFT + RGKD, Suzuki et al. 2023; AFD Tables 1-2, 5)"
     weight_key = "lam"
@@ -100,6 +101,7 @@ class AFKD(VAFT):
 @register_method
 class VAFTPlusA(AFKD):
     name = "vaft+a"
+    report_row = 150
     paper = "AFD Table 3 ablation: vAFT + γ-alignment to the teacher, no D1/D2 (METHODS.md §14.7)"
     weight_key = "gamma"
     defaults = {**AFT_DEFAULTS, "gamma": 25.0, "teacher_bn": "eval"}

@@ -25,6 +25,7 @@ from .vaft import AFT_DEFAULTS
 @register_method
 class ARREST(AFKD):
     name = "arrest"
+    report_row = 110
     paper = "METHODS.md §12 (AFT + RGKD + noisy replay, Suzuki et al. 2023; AFD Tables 1-2, 5)"
     weight_key = "lam"
     defaults = {**AFT_DEFAULTS, "lam": 50.0, "theta": 30.0, "replay_epochs": 10, "teacher_bn": "eval"}

@@ -72,6 +72,7 @@ def uncrop_flip_(buf: torch.Tensor, values: torch.Tensor, oy: torch.Tensor, ox: 
 @register_method
 class ATAS(Method):
     name = "atas"
+    report_row = 70
     starts_from = "scratch"
     paper = "METHODS.md §8 (Huang et al. 2023; AFD Tables 1, 5 †)"
     attack_bn = "eval"

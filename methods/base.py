@@ -93,6 +93,10 @@ class Method:
     name: ClassVar[str] = ""
     starts_from: ClassVar[str] = "scratch"
     paper: ClassVar[str] = ""  # where the method is specified (METHODS.md section)
+    # the place of the method's rows in the report's tables and figures (bench.report.method_order): the paper's row
+    # order, a method it does not have beside its closest one; None: after those, by name. A subclass inherits its
+    # method's place (and follows it by name) until it sets its own
+    report_row: ClassVar[int | None] = None
     attack_bn: ClassVar[str | None] = None  # BN mode of the training attack, recorded in the run config
     # True: the starting model (pgd-at / natural base run) holds out the same ``holdout_per_class`` images (RiFT)
     base_holdout: ClassVar[bool] = False

@@ -87,6 +87,7 @@ def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor, dist: Dist = SINGLE) -> to
 @register_method
 class FGSMGA(Method):
     name = "fgsm-ga"
+    report_row = 60
     starts_from = "scratch"
     paper = "METHODS.md §7 (Andriushchenko & Flammarion 2020; AFD Tables 1, 5 †)"
     attack_bn = "train"

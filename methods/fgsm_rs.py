@@ -36,6 +36,7 @@ from .base import Method, register_method
 @register_method
 class FGSMRS(Method):
     name = "fgsm-rs"
+    report_row = 50
     starts_from = "scratch"
     paper = "METHODS.md §6 (Wong et al. 2020, train_fgsm.py)"
     attack_bn = "train"

@@ -38,6 +38,7 @@ from .base import Method, register_method
 @register_method
 class FreeAT(Method):
     name = "free-at"
+    report_row = 40
     starts_from = "scratch"
     paper = "METHODS.md §5 (Shafahi et al. 2019; Wong et al. 2020 train_free.py; AFD Tables 1, 5 †)"
     attack_bn = "train"

@@ -14,6 +14,7 @@ from .base import Method, register_method
 @register_method
 class Natural(Method):
     name = "natural"
+    report_row = 10
     starts_from = "scratch"
     paper = "METHODS.md §2 (natural pre-training, AFD Table 5 'Standard')"
     attack_bn = None

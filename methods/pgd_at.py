@@ -26,6 +26,7 @@ ATTACK_BN = ("eval", "train")
 @register_method
 class PGDAT(Method):
     name = "pgd-at"
+    report_row = 20
     starts_from = "scratch"
     paper = "METHODS.md §3 (Madry et al. 2018; AFD Tables 1, 2, 5)"
     attack_bn = "eval"

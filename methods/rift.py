@@ -225,6 +225,7 @@ def _fresh_stage() -> dict[str, Any]:
 @register_method
 class RiFT(Method):
     name = "rift"
+    report_row = 90
     starts_from = "adversarial"
     base_holdout = True  # the PGD-AT base is trained without the held-out slice
     paper = "METHODS.md §13 (Zhu et al. 2023; AFD Tables 1, 2, 5)"

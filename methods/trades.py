@@ -58,6 +58,7 @@ def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, logits_targe
 @register_method
 class TRADES(Method):
     name = "trades"
+    report_row = 30
     starts_from = "scratch"
     paper = "METHODS.md §4 (Zhang et al. 2019; AFD Tables 1, 2, 5)"
     attack_bn = "eval"

@@ -27,6 +27,7 @@ class VAFT(PGDAT):
     """The PGD-AT update (CE on the eval-mode PGD-10 example only), run as a fine-tune of θᴾ."""
 
     name = "vaft"
+    report_row = 80
     starts_from = "natural"
     paper = "METHODS.md §9-§10 (vanilla AFT; AFD Tables 1-3, 5)"
     attack_bn = "eval"

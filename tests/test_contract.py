@@ -121,3 +121,16 @@ def test_init_steps_state_round_trip_and_export(name, tmp_path):
         torch.testing.assert_close(logits, m.model(x), rtol=1e-4, atol=1e-5)
     assert logits.shape == (N, 10) and torch.isfinite(logits).all()
     assert not any(p.data_ptr() == q.data_ptr() for p in exported.parameters() for q in m.model.parameters())
+
+
+def test_the_report_orders_the_methods_as_the_paper_does():
+    """The methods' ``report_row`` puts natural (the paper's "Standard") first and the paper's methods in its Table 1
+    row order; every registered method has its own place."""
+    from bench import paper
+    from bench.report import method_order
+
+    order = method_order(METHODS.names())
+    table1 = list(dict.fromkeys(r.method for r in paper.TABLE1))
+    assert order[0] == "natural" and [m for m in order if m in table1] == table1
+    rows = [get_method(m).report_row for m in METHODS.names()]
+    assert None not in rows and len(set(rows)) == len(rows)
