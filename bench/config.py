@@ -31,6 +31,8 @@ RUN_KEYS = {"methods", "dataset", "arch", "seeds", "subset", "eval_n", "aa_n", "
             "precision", "eval_batch_size", "aa_chunk", "channels_last", "compile"}
 # run settings a preset may also set per method ([method.natural] subset = 50: pre-train on more data)
 METHOD_RUN_KEYS = ("subset",)
+# the method whose run is the starting model of a method that starts from a trained one (``Method.starts_from``)
+STARTING_METHOD = {"natural": "natural", "adversarial": "pgd-at"}
 
 
 def method_run_setting(preset: dict[str, Any], method: str, key: str, default: Any) -> Any:
@@ -342,8 +344,8 @@ def check_sets(sets: list[tuple[str | None, str, Any]], methods: list[str]) -> N
     """Every ``--set`` must name a method of the command (or ``natural`` for pre-training) and a key it has."""
     from methods import METHODS, get_method
 
-    starting = {"natural": "natural", "adversarial": "pgd-at"}
-    bases = {starting[METHODS.get(n).starts_from] for n in methods if METHODS.get(n).starts_from in starting}
+    bases = {STARTING_METHOD[METHODS.get(n).starts_from] for n in methods
+             if METHODS.get(n).starts_from in STARTING_METHOD}
     for m, k, _ in sets:
         if m is not None:
             if m not in METHODS:

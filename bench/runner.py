@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .config import (PRECISIONS, Grid, RunConfig, check_sets, expand_grid, load_preset, method_run_setting,
-                     parse_seeds, parse_sets, resolve_hp)
+from .config import (PRECISIONS, STARTING_METHOD, Grid, RunConfig, check_sets, expand_grid, load_preset,
+                     method_run_setting, parse_seeds, parse_sets, resolve_hp)
 from .data import DATASETS, Dataset, data_fingerprint, load_dataset
 from .errors import BenchError, choice_error
 from .evaluate import parse_attacks
@@ -22,8 +22,6 @@ from .records import RunDir
 
 if TYPE_CHECKING:
     from .dist import Dist
-
-STARTING_METHOD = {"natural": "natural", "adversarial": "pgd-at"}
 
 
 @dataclass

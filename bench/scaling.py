@@ -31,7 +31,7 @@ def base_of(method: str) -> str | None:
     method trained from scratch."""
     from methods import get_method
 
-    from .runner import STARTING_METHOD
+    from .config import STARTING_METHOD
 
     cls = get_method(method)
     if cls.starts_from == "scratch":
