@@ -272,7 +272,7 @@ def run_cmd(nproc, quiet, **opts) -> None:
         planned = plan(req)
         if not dist.enabled:
             from .dist import check_bf16
-            from .engine import resolve_device
+            from .devices import resolve_device
 
             dev = resolve_device(opts["device"])
             for p in planned:  # bf16 on a GPU without it: refused before anything is written
@@ -438,7 +438,8 @@ def _check_results_dir(path: str, option: str = "--results", write: bool = True)
 def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, batch_size, device, normalize,
              model_dir, threat_model, output, quiet) -> None:
     """Clean / PGD-20 / AutoAttack of TARGET: a run directory, a checkpoint file (.safetensors/.pt/.pth, also
-    kuangliu, TRADES and AFD-author key names), or robustbench:<model name> (files already on disk)."""
+    kuangliu, TRADES and AFD-author key names), or robustbench:<model name> (files already on disk). A run
+    directory's eval.json gains the attacks it lacks (at the protocol's --eps 8/255; what it holds stands)."""
     if output is not None:
         out = Path(output)
         if output.strip() == "" or out.is_dir():
@@ -448,7 +449,7 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
 
         check_writable_dir(out.parent if str(out.parent) else ".", f"--output {output}: its folder")
     from .data import load_dataset
-    from .engine import resolve_device
+    from .devices import resolve_device
     from .evaluate import evaluate, parse_attacks
     from .fsutil import atomic_write_json
     from .models import create_model
@@ -514,16 +515,18 @@ def eval_cmd(target, arch, dataset, data_dir, download, attacks, n, eps, seed, b
     state_dir = run.ckpt_dir / "eval-state" if run is not None else None
     record = evaluate(model, ds.test, attacks_l, n=n, eps=float(eps_v), batch_size=batch_size, device=dev, seed=seed,
                       state_dir=state_dir, progress=not quiet)
-    record["meta"]["target"] = target
-    if run is not None:
-        from .evaluate import finalize_checks
+    if run is not None:  # the run's eval.json gains the attacks it lacks (bench.evaluate.merge_eval)
+        from .evaluate import eval_conflict, merge_eval
 
-        existing = run.read_eval() or {"results": {}, "meta": {}}
-        new = {k: v for k, v in record["results"].items() if k not in existing["results"] and k != "worst"}
-        if new:
-            existing["results"].update(new)
-            existing["checks"] = {**record.get("checks", {}), **existing.get("checks", {})}
-            atomic_write_json(run.eval, finalize_checks(existing))
+        existing = run.read_eval()
+        why = eval_conflict(existing, record)
+        if why:
+            click.echo(f"note: {run.eval} is left as it was: {why}", err=True)
+        else:
+            merged, added = merge_eval(existing, record)
+            if added:
+                atomic_write_json(run.eval, merged)
+    record["meta"]["target"] = target
     if output:
         atomic_write_json(output, record)
     res = record["results"]

@@ -32,13 +32,13 @@ from . import faults
 from .checkpoint import load_latest, save_state
 from .config import RunConfig
 from .data import Dataset
-from .devices import canonical
-from .dist import SINGLE, Dist, check_bf16, convert_sync_bn, rank_device, restore_bn
+from .devices import device_label, resolve_device
+from .dist import SINGLE, Dist, check_bf16, convert_sync_bn, restore_bn
 from .errors import BenchError
-from .evaluate import device_name, evaluate, feature_gaps, finalize_checks
+from .evaluate import feature_gaps
 from .loader import DeviceLoader, hash_seed
 from .precision import fp32_math, full_fp32, param_dtype
-from .models import create_model
+from .models import build_model
 from .models.loading import load_weights
 from .records import RunDir
 
@@ -85,40 +85,6 @@ class EMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.updates = int(state["updates"])
-
-
-def resolve_device(name: str) -> torch.device:
-    name = (name or "auto").lower()
-    if name == "auto":
-        return canonical("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise BenchError(f"unknown --device {name!r}; accepted: auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BenchError(f"--device {name}: no CUDA GPU is visible here; accepted: cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BenchError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible")
-    elif dev.type != "cpu":
-        raise BenchError(f"unknown --device {name!r}; accepted: auto, cpu, cuda, cuda:N")
-    return canonical(dev)  # cuda → cuda:<current>: the device its tensors and generators report
-
-
-def run_device(cfg: RunConfig, dist: Dist = SINGLE) -> torch.device:
-    """The device this process trains and evaluates ``cfg`` on (one GPU per local rank under data parallelism)."""
-    return rank_device(cfg.device, dist.local_rank) if dist.enabled else resolve_device(cfg.device)
-
-
-def run_device_name(cfg: RunConfig, dist: Dist = SINGLE) -> str:
-    """The device as the records name it: ``2× NVIDIA H100 80GB HBM3 (DDP)`` for a run on several processes."""
-    name = device_name(run_device(cfg, dist))
-    return f"{dist.world}× {name} (DDP)" if dist.enabled else name
-
-
-def build_model(cfg: RunConfig, dataset: Dataset) -> nn.Module:
-    mean_std = dataset.stats() if cfg.normalize else (None, None)
-    return create_model(cfg.arch, dataset.num_classes, dataset.channels, *mean_std)
 
 
 def _summarise(sums: dict[str, torch.Tensor], steps: int, images: int) -> dict[str, float]:
@@ -168,9 +134,9 @@ class Trainer:
 
         self.cfg, self.dataset, self.run, self.dist = cfg, dataset, run, dist
         self.progress, self.echo = progress and dist.is_main, echo if dist.is_main else (lambda s: None)
-        self.device = run_device(cfg, dist)
+        self.device = resolve_device(cfg.device, dist)
         check_bf16(self.device, cfg.precision)  # (a pre-Ampere GPU would emulate bf16)
-        self.device_label = run_device_name(cfg, dist)
+        self.device_label = device_label(self.device, dist)
         if self.device.type == "cuda":
             # cuDNN picks the fastest convolution algorithm for each shape once (the shapes of a run are fixed)
             torch.backends.cudnn.benchmark = True
@@ -477,102 +443,4 @@ class Trainer:
         return model
 
 
-def evaluate_heads(trainer: "Trainer", echo: Callable[[str], None] = print, progress: bool = True) -> None:
-    """Clean and PGD-20 accuracy of the method's extra heads (AFD's f₁ = ω·D₁·g and f₂ = ω·D₂·g of the evaluated
-    model: the paper's Table 4), saved under ``heads`` in ``eval.json``."""
-    from .fsutil import atomic_write_json
-
-    cfg, run, dist = trainer.cfg, trainer.run, trainer.dist
-    heads = trainer.method.eval_heads(trainer.evaluated_module())
-    if not heads:
-        return
-    ev = dist.agree(run.read_eval()) or {"results": {}, "meta": {}}
-    done = ev.setdefault("heads", {})
-    attacks = [a for a in cfg.attacks if a != "aa"]
-    for name, head in heads.items():
-        if name in done or not attacks:
-            continue
-        res = evaluate(head, trainer.dataset.test, attacks, n=cfg.eval_n, device=trainer.device, seed=cfg.seed,
-                       batch_size=cfg.eval_batch_size, progress=progress and dist.is_main, checks=False, dist=dist)
-        done[name] = res["results"]
-        dist.main_only(lambda: atomic_write_json(run.eval, ev), "writing eval.json (heads)")
-        if not dist.is_main:
-            continue
-        echo(f"[{cfg.method} s{cfg.seed}] head {name}: " + ", ".join(
-            f"{a} {r['acc']:.2f}%" for a, r in res["results"].items() if a != "worst"))
-
-
-def record_tsne(trainer: "Trainer", echo: Callable[[str], None] = print, n: int | None = None) -> None:
-    """``tsne.json``: t-SNE of the method's feature maps (AFD: g and f₁) on PGD-20 examples of the first ``n`` test
-    images (default: min(eval_n, 1000)) — the data of the paper's Fig. 3. Skipped when the method has none or the
-    file exists."""
-    from .evaluate import tsne_embedding
-    from .fsutil import atomic_write_json
-
-    module = trainer.evaluated_module()
-    if trainer.dtype != torch.float32:  # an evaluation: in fp32, as every other (a copy: training may go on)
-        module = copy.deepcopy(module).float()
-    feats = trainer.method.tsne_features(module)
-    path = trainer.run.path / "tsne.json"
-    if not feats or path.exists() or not trainer.dist.is_main:
-        return
-    cfg = trainer.cfg
-    n = n or min(cfg.eval_n or 1000, 1000)
-    split = trainer.dataset.test.head(n)
-    x = split.x.to(trainer.device).float().div_(255)
-    y = split.y.to(trainer.device)
-    data = tsne_embedding(module, x, y, feats, eps=cfg.hp["eps"], seed=cfg.seed, batch_size=cfg.eval_batch_size)
-    atomic_write_json(path, {"method": cfg.method, "run": cfg.run_name, **data})
-    echo(f"[{cfg.method} s{cfg.seed}] t-SNE of {', '.join(feats)} on {len(y)} PGD-20 test examples → tsne.json")
-
-
-def evaluate_run(cfg: RunConfig, dataset: Dataset, run: RunDir, model: nn.Module | None = None,
-                 progress: bool = True, echo: Callable[[str], None] = print, dist: Dist = SINGLE) -> dict:
-    """Evaluate the run's final model with the attacks it lacks; merges into ``eval.json`` after each group of
-    attacks (clean and PGD-20 on ``eval_n`` images, AutoAttack on ``aa_n``), so an interrupted evaluation keeps
-    what it finished. Under data parallelism the ranks share the test set; rank 0 writes."""
-    from .fsutil import atomic_write_json
-
-    if model is None:
-        model = build_model(cfg, dataset)
-        load_weights(model, run.final_weights)
-    device = run_device(cfg, dist)
-    if not dist.is_main:
-        progress, echo = False, (lambda s: None)
-    existing = dist.agree(run.read_eval()) or {"results": {}, "meta": {}}
-    from .evaluate import weights_digest
-
-    was = (existing.get("meta") or {}).get("weights_sha256")
-    if was and existing["results"] and was != weights_digest(model.float()):
-        # what eval.json holds measured other weights (the run was trained again from scratch after its checkpoints
-        # were lost): none of it describes this model
-        dist.main_only(lambda: os.replace(run.eval, run.eval.with_name("eval.json.stale")),
-                       "setting eval.json aside")
-        echo(f"[{cfg.method} s{cfg.seed}] eval.json measured other weights (digest {was}, these: "
-             f"{weights_digest(model)}): kept as eval.json.stale, evaluating this model afresh")
-        existing = {"results": {}, "meta": {}}
-    groups: dict[int | None, list[str]] = {}
-    for a in cfg.attacks:
-        if a not in existing["results"]:
-            groups.setdefault(cfg.aa_n if a == "aa" else cfg.eval_n, []).append(a)
-    for n, attacks in groups.items():
-        res = evaluate(model, dataset.test, attacks, n=n, device=device, seed=cfg.seed,
-                       batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state", progress=progress,
-                       checks="deterministic" not in existing.get("checks", {}), aa_chunk=cfg.aa_chunk, dist=dist)
-        existing["results"].update(res["results"])
-        existing["checks"] = {**existing.get("checks", {}), **res["checks"]}
-        finalize_checks(existing)
-        existing["meta"] = res["meta"]
-        existing["meta"]["protocol"] = ("METHODS.md §15.1: clean, PGD-20 (step 0.003, 1 random start), "
-                                        "AutoAttack standard")
-        dist.main_only(lambda: atomic_write_json(run.eval, existing), "writing eval.json")
-        for a in attacks:
-            r = res["results"][a]
-            echo(f"[{cfg.method} s{cfg.seed}] {a}: {r['acc']:.2f}% ({r['correct']}/{r['n']}, {r['seconds']:.1f}s)")
-    if existing.get("suspect"):
-        echo(f"[{cfg.method} s{cfg.seed}] SUSPECT: failed checks {', '.join(existing['suspect'])} (see eval.json)")
-    return existing
-
-
-__all__ = ["EMA", "Trainer", "evaluate_run", "resolve_device", "run_device", "run_device_name", "build_model",
-           "device_name"]
+__all__ = ["EMA", "Trainer", "sealed_test"]

@@ -12,9 +12,17 @@ dtype and package versions. The PGD random starts come from a generator seeded b
 gives the same numbers every time — also when the test set is shared by several processes (``dist``): rank r
 attacks the batches b ≡ r (mod world) and AutoAttack's chunks likewise, and the per-point results are gathered, so
 the record is the one a single process writes.
+
+A run's evaluation (:func:`evaluate_run`, :func:`evaluate_heads`, :func:`record_tsne`) lives here too, apart from
+the training loop: ``eval.json`` holds the protocol's numbers of the run's final model, and every write to it goes
+through :func:`merge_eval`, whether ``bench run`` evaluates the run after training or ``bench eval`` evaluates its
+directory later.
 """
 from __future__ import annotations
 
+import copy
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +36,14 @@ from . import faults
 from .attacks import assert_eval, autoattack, bn_mode, pgd
 from .checkpoint import tensor_digest
 from .data import Split
-from .devices import canonical
+from .devices import canonical, device_name, resolve_device
 from .dist import SINGLE, Dist
 from .errors import BenchError
 from .loader import hash_seed
 from .precision import fp32_math, full_fp32
 
 EPS = 8 / 255
+PROTOCOL = "METHODS.md §15.1: clean, PGD-20 (step 0.003, 1 random start), AutoAttack standard"
 
 
 @dataclass(frozen=True)
@@ -65,23 +74,6 @@ def parse_attacks(text: str | Sequence[str]) -> list[str]:
 
 def weights_digest(model: nn.Module) -> str:
     return tensor_digest(model.state_dict())[:16]
-
-
-def device_name(device: torch.device | str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        model = ""
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        return f"cpu ({model or 'unknown'}, {torch.get_num_threads()} threads)"
-    return str(device)
 
 
 def predict(model: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -281,3 +273,159 @@ def feature_gap(model: nn.Module, features: Callable[[torch.Tensor], torch.Tenso
                 y: torch.Tensor, *, eps: float = EPS, seed: int = 0, forward: Callable | None = None) -> float:
     """‖φ(x) − φ(x′)‖_∞ averaged over images, one feature map φ on both sides (see :func:`feature_gaps`)."""
     return feature_gaps(model, x, y, {"gap": (features, features)}, eps=eps, seed=seed, forward=forward)["gap"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a run's evaluation: eval.json, the extra heads, the t-SNE
+
+
+def eval_conflict(existing: dict | None, record: dict) -> str | None:
+    """Why the evaluation ``record`` (of :func:`evaluate`) cannot join the run's ``eval.json`` record ``existing``;
+    None when it can. ``eval.json`` holds the protocol's numbers (ε = 8/255) of one model: a record at another ε,
+    or of other weights than those ``existing`` measured (``meta.weights_sha256``), does not belong in it."""
+    meta = record.get("meta") or {}
+    eps = meta.get("eps")
+    if not isinstance(eps, (int, float)) or not math.isclose(eps, EPS, rel_tol=1e-9, abs_tol=0.0):
+        shown = f"{eps * 255:g}/255" if isinstance(eps, (int, float)) else repr(eps)
+        return f"it was measured at ε = {shown}, and a run's eval.json holds the protocol's ε = 8/255"
+    was = ((existing or {}).get("meta") or {}).get("weights_sha256")
+    if (existing or {}).get("results") and was and was != meta.get("weights_sha256"):
+        return (f"it measured other weights (digest {meta.get('weights_sha256')}) than those eval.json's numbers "
+                f"are of ({was})")
+    return None
+
+
+def merge_eval(existing: dict | None, record: dict, *, head: str | None = None) -> tuple[dict, list[str]]:
+    """``existing`` (a run's ``eval.json`` record, or None) with the evaluation ``record`` of :func:`evaluate` merged
+    in, and the attacks it added; ``existing`` itself is left as it was.
+
+    What ``existing`` holds stands: its results and its checks of the model were measured together, so an attack
+    it has is never measured into it again and a model check it has is never replaced. The record adds the attacks
+    ``existing`` lacks, the model checks it lacks, and its ``worst`` when every attack that one covers is added
+    here and ``existing`` has none (a ``worst`` over attacks another evaluation measured would mix two
+    measurements). ``meta`` becomes the record's (the evaluation that added the latest numbers: its n, device,
+    versions), with the protocol named; the checks across attacks (ordering, AutoAttack's flags) and ``suspect``
+    are computed again over the merged results (:func:`finalize_checks`). Keys it does not know (``heads``) are
+    kept. A record that adds nothing changes nothing.
+
+    With ``head``, the record's results are those of the method's extra head ``head`` (AFD's f₁, f₂): they become
+    ``heads[head]`` unless that is there already, and nothing else changes.
+
+    A record :func:`eval_conflict` refuses is a :class:`BenchError` (for a head: one at another ε)."""
+    why = eval_conflict(existing if head is None else None, record)  # (a head is other weights: ε alone counts)
+    if why:
+        raise BenchError(f"the evaluation cannot join eval.json: {why}")
+    merged = copy.deepcopy(existing) if existing else {"results": {}, "meta": {}}
+    new = record.get("results") or {}
+    if head is not None:
+        heads = merged.setdefault("heads", {})
+        if head in heads:
+            return merged, []
+        heads[head] = copy.deepcopy(new)
+        return merged, [a for a in new if a != "worst"]
+    results = merged.setdefault("results", {})
+    added = [a for a in new if a != "worst" and a not in results]
+    if not added:
+        return merged, []
+    for a in added:
+        results[a] = copy.deepcopy(new[a])
+    worst = new.get("worst")
+    if worst is not None and "worst" not in results and set(worst.get("over", ())) <= set(added):
+        results["worst"] = copy.deepcopy(worst)
+    merged["checks"] = {**copy.deepcopy(record.get("checks") or {}), **(merged.get("checks") or {})}
+    merged["meta"] = {**copy.deepcopy(record.get("meta") or {}), "protocol": PROTOCOL}
+    return finalize_checks(merged), added
+
+
+def evaluate_run(cfg, dataset, run, model: nn.Module | None = None, progress: bool = True,
+                 echo: Callable[[str], None] = print, dist: Dist = SINGLE) -> dict:
+    """Evaluate the final model of run ``cfg`` (a :class:`~bench.config.RunConfig`; ``model``, or the weights in
+    ``run``, a :class:`~bench.records.RunDir`) with the attacks ``eval.json`` lacks, and return the record. It merges
+    (:func:`merge_eval`) into ``eval.json`` after each group of attacks (clean and PGD-20 on ``eval_n`` images,
+    AutoAttack on ``aa_n``), so an interrupted evaluation keeps what it finished; the model checks run with the
+    first group that finds none. An ``eval.json`` of other weights (the run was trained again from scratch after
+    its checkpoints were lost) describes nothing of this model: it is kept as ``eval.json.stale`` and the model is
+    evaluated afresh. Under data parallelism the ranks share the test set; rank 0 writes."""
+    from .fsutil import atomic_write_json
+    from .models import build_model
+    from .models.loading import load_weights
+
+    if model is None:
+        model = build_model(cfg, dataset)
+        load_weights(model, run.final_weights)
+    device = resolve_device(cfg.device, dist)
+    if not dist.is_main:
+        progress, echo = False, (lambda s: None)
+    existing = dist.agree(run.read_eval()) or {"results": {}, "meta": {}}
+    was = (existing.get("meta") or {}).get("weights_sha256")
+    if was and existing["results"] and was != weights_digest(model.float()):
+        dist.main_only(lambda: os.replace(run.eval, run.eval.with_name("eval.json.stale")),
+                       "setting eval.json aside")
+        echo(f"[{cfg.method} s{cfg.seed}] eval.json measured other weights (digest {was}, these: "
+             f"{weights_digest(model)}): kept as eval.json.stale, evaluating this model afresh")
+        existing = {"results": {}, "meta": {}}
+    groups: dict[int | None, list[str]] = {}
+    for a in cfg.attacks:
+        if a not in existing["results"]:
+            groups.setdefault(cfg.aa_n if a == "aa" else cfg.eval_n, []).append(a)
+    for n, attacks in groups.items():
+        res = evaluate(model, dataset.test, attacks, n=n, device=device, seed=cfg.seed,
+                       batch_size=cfg.eval_batch_size, state_dir=run.ckpt_dir / "eval-state", progress=progress,
+                       checks="deterministic" not in existing.get("checks", {}), aa_chunk=cfg.aa_chunk, dist=dist)
+        existing, _ = merge_eval(existing, res)
+        dist.main_only(lambda: atomic_write_json(run.eval, existing), "writing eval.json")
+        for a in attacks:
+            r = res["results"][a]
+            echo(f"[{cfg.method} s{cfg.seed}] {a}: {r['acc']:.2f}% ({r['correct']}/{r['n']}, {r['seconds']:.1f}s)")
+    if existing.get("suspect"):
+        echo(f"[{cfg.method} s{cfg.seed}] SUSPECT: failed checks {', '.join(existing['suspect'])} (see eval.json)")
+    return existing
+
+
+def evaluate_heads(cfg, dataset, run, heads: dict[str, nn.Module], *, device: torch.device | str,
+                   progress: bool = True, echo: Callable[[str], None] = print, dist: Dist = SINGLE) -> None:
+    """Clean and PGD-20 accuracy of a method's extra heads (``Method.eval_heads`` of the evaluated model: AFD's
+    f₁ = ω·D₁·g and f₂ = ω·D₂·g, the paper's Table 4), merged into ``heads`` of ``eval.json``; a head that is there
+    already is not evaluated again. AutoAttack is not run on heads."""
+    from .fsutil import atomic_write_json
+
+    if not heads:
+        return
+    ev = dist.agree(run.read_eval()) or {"results": {}, "meta": {}}
+    attacks = [a for a in cfg.attacks if a != "aa"]
+    for name, head in heads.items():
+        if name in ev.get("heads", {}) or not attacks:
+            continue
+        res = evaluate(head, dataset.test, attacks, n=cfg.eval_n, device=device, seed=cfg.seed,
+                       batch_size=cfg.eval_batch_size, progress=progress and dist.is_main, checks=False, dist=dist)
+        ev, _ = merge_eval(ev, res, head=name)
+        dist.main_only(lambda: atomic_write_json(run.eval, ev), "writing eval.json (heads)")
+        if not dist.is_main:
+            continue
+        echo(f"[{cfg.method} s{cfg.seed}] head {name}: " + ", ".join(
+            f"{a} {r['acc']:.2f}%" for a, r in res["results"].items() if a != "worst"))
+
+
+def record_tsne(cfg, dataset, run, method, module: nn.Module, *, device: torch.device | str,
+                echo: Callable[[str], None] = print, n: int | None = None) -> None:
+    """``tsne.json``: the t-SNE (:func:`tsne_embedding`) of the feature maps ``method.tsne_features`` names (AFD: g
+    and f₁) of the evaluated ``module``, on PGD-20 examples of the first ``n`` test images (default:
+    min(eval_n, 1000)): the data of the AFD paper's Fig. 3. Skipped when the method has none or the file exists.
+    Computed in fp32, as every evaluation (on a copy when the run trains in another dtype: training may go on).
+    The main process alone calls it."""
+    from .fsutil import atomic_write_json
+    from .precision import param_dtype
+
+    if param_dtype(cfg.precision) != torch.float32:
+        module = copy.deepcopy(module).float()
+    feats = method.tsne_features(module)
+    path = run.path / "tsne.json"
+    if not feats or path.exists():
+        return
+    n = n or min(cfg.eval_n or 1000, 1000)
+    split = dataset.test.head(n)
+    x = split.x.to(device).float().div_(255)
+    y = split.y.to(device)
+    data = tsne_embedding(module, x, y, feats, eps=cfg.hp["eps"], seed=cfg.seed, batch_size=cfg.eval_batch_size)
+    atomic_write_json(path, {"method": cfg.method, "run": cfg.run_name, **data})
+    echo(f"[{cfg.method} s{cfg.seed}] t-SNE of {', '.join(feats)} on {len(y)} PGD-20 test examples → tsne.json")

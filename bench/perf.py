@@ -406,8 +406,7 @@ def run_perf(*, device: str = "auto", arch: str | None = None, methods: tuple[st
     from methods import METHODS
 
     from .data import make_synthetic
-    from .engine import resolve_device
-    from .evaluate import device_name
+    from .devices import device_name, resolve_device
     from .fsutil import atomic_write_json, atomic_write_text
 
     dev = resolve_device(device)

@@ -308,7 +308,9 @@ class Runner:
         the evaluations it lacks. ``grid``: the grid of ``--set`` values the run is a point of (recorded in its
         ``grids.json``; a run may belong to several grids). A run that another process holds is a one-line error,
         unless it is the starting model of ``needed_by``: then None (the caller waits for it)."""
-        from .engine import Trainer, evaluate_heads, evaluate_run, record_tsne, run_device_name
+        from .devices import device_label, resolve_device
+        from .engine import Trainer
+        from .evaluate import evaluate_heads, evaluate_run, record_tsne
 
         d = self.dist
         if base is not None and d.agree(completion(cfg, RunDir.for_config(cfg)) != "train"):
@@ -325,7 +327,7 @@ class Runner:
             if d.agree(not base_run.final_weights.is_file()):
                 self._rebuild_weights(base, base_run, cfg)
         run = RunDir.for_config(cfg)
-        device = run_device_name(cfg, d)
+        device = device_label(resolve_device(cfg.device, d), d)
         if d.agree(bool(run.damage())):
             if d.agree(d.main_only(lambda: self._repair(cfg, run, device, needed_by), f"repairing {run.name}")
                        ) is False:
@@ -371,8 +373,10 @@ class Runner:
             model = trainer.export()
             self.echo(f"[{cfg.method} s{cfg.seed}] evaluating: {', '.join(cfg.attacks)}")
             evaluate_run(cfg, dataset, run, model, progress=self.progress, echo=self.echo, dist=d)
-            evaluate_heads(trainer, echo=self.echo, progress=self.progress)
-            d.main_only(lambda: record_tsne(trainer, echo=self.echo), f"the t-SNE of {run.name}")
+            evaluate_heads(cfg, dataset, run, trainer.method.eval_heads(trainer.evaluated_module()),
+                           device=trainer.device, progress=self.progress, echo=self.echo, dist=d)
+            d.main_only(lambda: record_tsne(cfg, dataset, run, trainer.method, trainer.evaluated_module(),
+                                            device=trainer.device, echo=self.echo), f"the t-SNE of {run.name}")
             # the other ranks go on only once rank 0 has written everything (a later run loads it)
             d.main_only(run.mark_done, f"finishing {run.name}")
         finally:
@@ -389,11 +393,12 @@ class Runner:
         import shutil
 
         from .checkpoint import tensor_digest
-        from .engine import Trainer, run_device_name
+        from .devices import device_label, resolve_device
+        from .engine import Trainer
         from .fsutil import check_inside
 
         d = self.dist
-        device = run_device_name(base, d)
+        device = device_label(resolve_device(base.device, d), d)
         scratch = RunDir(base_run.ckpt_dir / "rebuild")
         check_inside(base_run.root, scratch.path, "rebuild directory")
         want = d.agree(((base_run.read_eval() or {}).get("meta") or {}).get("weights_sha256"))
@@ -495,13 +500,15 @@ class Runner:
                 and (run.ckpt_dir / "last.safetensors").is_file())
 
     def _backfill_tsne(self, cfg: RunConfig, dataset: Dataset, run: RunDir) -> None:
-        from .engine import Trainer, record_tsne
+        from .engine import Trainer
+        from .evaluate import record_tsne
 
         if not self._tsne_missing(cfg, run):
             return
         trainer = Trainer(cfg, dataset, run, init_weights=cfg.pretrained_path, progress=False, echo=self.echo)
         trainer.resume()
-        record_tsne(trainer, echo=self.echo)
+        record_tsne(cfg, dataset, run, trainer.method, trainer.evaluated_module(), device=trainer.device,
+                    echo=self.echo)
 
 
 def execute_planned(planned: list[Planned], *, dist: "Dist | None" = None, progress: bool = True,

@@ -150,6 +150,32 @@ def test_run_then_status_eval_and_list(capsys, monkeypatch, tmp_path):
     assert "SUSPECT: large_eps_breaks" in out
 
 
+def test_bench_eval_of_a_run_merges_as_bench_run_does(capsys, monkeypatch, tmp_path):
+    """bench eval of a run directory merges into its eval.json through the function bench run uses: the attacks it
+    lacks join (what it has stands, a worst over re-measured attacks does not), meta becomes the evaluation's; an
+    evaluation at another ε leaves eval.json as it was, and says so."""
+    results = tmp_path / "results"
+    code, _, err = bench(capsys, monkeypatch, "run", *SMALL, "--methods", "natural", "--results", str(results))
+    assert code == 0, err
+    run_dir = next((results / "runs").iterdir())
+    before = (run_dir / "eval.json").read_text()
+    code, out, err = bench(capsys, monkeypatch, "eval", str(run_dir), "--attacks", "clean,pgd20", "--n", "10",
+                           "--eps", "4/255", "-q")
+    assert code == 0 and "pgd20" in out, err
+    assert f"note: {run_dir / 'eval.json'} is left as it was: it was measured at ε = 4/255" in err
+    assert (run_dir / "eval.json").read_text() == before
+    code, out, err = bench(capsys, monkeypatch, "eval", str(run_dir), "--attacks", "clean,pgd20", "--n", "10", "-q")
+    assert code == 0 and err == "", err
+    was, ev = json.loads(before), json.loads((run_dir / "eval.json").read_text())
+    assert ev["results"]["clean"] == was["results"]["clean"] and ev["results"]["clean"]["n"] == 20
+    assert ev["results"]["pgd20"]["n"] == 10 and "worst" not in ev["results"]
+    assert ev["meta"]["n"] == 10 and ev["meta"]["protocol"] == was["meta"]["protocol"] and "target" not in ev["meta"]
+    assert ev["meta"]["weights_sha256"] == was["meta"]["weights_sha256"]
+    assert {k: ev["checks"][k] for k in was["checks"]} == was["checks"] and "ordering" in ev["checks"]
+    code, out, _ = bench(capsys, monkeypatch, "status", "--results", str(results))
+    assert code == 0 and out.splitlines()[2].startswith("done")
+
+
 def test_a_second_process_on_the_same_run_is_told_who_holds_it(capsys, monkeypatch, tmp_path):
     import socket
     import subprocess

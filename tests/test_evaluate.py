@@ -147,3 +147,95 @@ def test_an_ordering_violation_is_suspect():
 
     rec = finalize_checks({"results": {"clean": res([1, 1, 0, 0]), "pgd20": res([1, 1, 1, 0])}})
     assert rec["suspect"] == ["ordering"] and rec["checks"]["ordering"]["correct"] == {"clean": 2, "pgd20": 3}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merging into a run's eval.json: one function for bench run and bench eval
+
+
+def _result(bits, **extra):
+    from bench.evaluate import encode_points
+
+    t = torch.tensor(bits, dtype=torch.bool)
+    return {"acc": 100.0 * float(t.float().mean()), "correct": int(t.sum()), "n": len(bits),
+            "points": encode_points(t), **extra}
+
+
+def _record(results, *, digest="d1", eps=8 / 255, checks=None, **meta):
+    from bench.evaluate import finalize_checks
+
+    rec = {"meta": {"n": 4, "seed": 0, "eps": eps, "device": "cpu (x)", "weights_sha256": digest, **meta},
+           "results": dict(results), "checks": dict(checks or {})}
+    return finalize_checks(rec)
+
+
+def test_merge_eval_keeps_what_the_record_holds_and_adds_what_it_lacks():
+    import copy
+
+    from bench.evaluate import PROTOCOL, merge_eval
+
+    model_checks = {"deterministic": {"passed": True}, "large_eps_breaks": {"passed": True, "acc": 0.0}}
+    first = _record({"clean": _result([1, 1, 1, 0])}, checks=model_checks, device="gpu A")
+    merged, added = merge_eval(None, first)
+    assert added == ["clean"] and merged["results"] == first["results"] and merged["meta"]["protocol"] == PROTOCOL
+    merged["heads"] = {"f1": {"clean": _result([1, 0, 0, 0])}}
+    before = copy.deepcopy(merged)
+    # a later evaluation re-measures clean (other numbers, a failed model check) and adds pgd20
+    later = _record({"clean": _result([0, 0, 0, 0]), "pgd20": _result([1, 1, 0, 0]),
+                     "worst": {"acc": 0.0, "n": 4, "over": ["clean", "pgd20"]}},
+                    checks={"deterministic": {"passed": False}, "eps0_is_clean": {"passed": True}}, device="gpu B",
+                    n=2)
+    out, added = merge_eval(merged, later)
+    assert merged == before  # (its input is left as it was)
+    assert added == ["pgd20"]
+    assert out["results"]["clean"] == first["results"]["clean"]  # what it had stands
+    assert out["results"]["pgd20"] == later["results"]["pgd20"]
+    assert "worst" not in out["results"]  # over a clean this record did not contribute
+    assert out["checks"]["deterministic"] == {"passed": True}  # its model checks stand; missing ones join
+    assert out["checks"]["eps0_is_clean"] == {"passed": True} and out["checks"]["large_eps_breaks"]["acc"] == 0.0
+    assert out["checks"]["ordering"]["correct"] == {"clean": 3, "pgd20": 2} and out["suspect"] == []
+    assert out["meta"]["device"] == "gpu B" and out["meta"]["n"] == 2 and out["meta"]["protocol"] == PROTOCOL
+    assert out["heads"] == merged["heads"]  # keys it does not merge are kept
+    # a record that adds nothing changes nothing
+    same, added = merge_eval(out, _record({"clean": _result([0, 0, 0, 0])}, device="gpu C"))
+    assert added == [] and same == out
+
+
+def test_merge_eval_takes_a_worst_only_over_attacks_it_adds():
+    from bench.evaluate import merge_eval
+
+    base, _ = merge_eval(None, _record({"clean": _result([1, 1, 1, 1])}))
+    rec = _record({"pgd20": _result([1, 1, 0, 0]), "aa": _result([1, 0, 0, 0], flags=[]),
+                   "worst": {"acc": 25.0, "n": 4, "over": ["pgd20", "aa"]}})
+    out, added = merge_eval(base, rec)
+    assert added == ["pgd20", "aa"] and out["results"]["worst"]["over"] == ["pgd20", "aa"]
+    assert out["checks"]["ordering"]["correct"] == {"clean": 4, "pgd20": 2, "aa": 1}
+    assert out["checks"]["autoattack_flags"]["passed"]
+
+
+def test_merge_eval_refuses_another_eps_and_other_weights():
+    from bench.evaluate import eval_conflict, merge_eval
+
+    base, _ = merge_eval(None, _record({"clean": _result([1, 1, 1, 1])}))
+    at4 = _record({"pgd20": _result([1, 1, 0, 0])}, eps=4 / 255)
+    assert "ε = 4/255" in eval_conflict(base, at4) and "ε = 4/255" in eval_conflict(None, at4)
+    with pytest.raises(BenchError, match="cannot join eval.json: it was measured at ε = 4/255"):
+        merge_eval(base, at4)
+    other = _record({"pgd20": _result([1, 1, 0, 0])}, digest="d2")
+    assert "other weights (digest d2)" in eval_conflict(base, other)
+    with pytest.raises(BenchError, match="other weights"):
+        merge_eval(base, other)
+    assert eval_conflict({"results": {}, "meta": {"weights_sha256": "d1"}}, other) is None  # nothing measured yet
+
+
+def test_merge_eval_of_a_head_fills_its_entry_once():
+    from bench.evaluate import merge_eval
+
+    base, _ = merge_eval(None, _record({"clean": _result([1, 1, 1, 1])}))
+    head = _record({"clean": _result([1, 0, 0, 0]), "pgd20": _result([0, 0, 0, 0]),
+                    "worst": {"acc": 0.0, "n": 4, "over": ["clean", "pgd20"]}}, digest="head weights")
+    out, added = merge_eval(base, head, head="f2")
+    assert added == ["clean", "pgd20"] and out["heads"]["f2"] == head["results"]
+    assert {k: v for k, v in out.items() if k != "heads"} == base  # nothing else changes
+    again, added = merge_eval(out, _record({"clean": _result([0, 0, 0, 0])}), head="f2")
+    assert added == [] and again == out

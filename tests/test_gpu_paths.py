@@ -9,8 +9,8 @@ import torch
 import bench.engine as engine
 from bench.attacks import pgd, uniform_noise
 from bench.checkpoint import load_state, save_state
-from bench.devices import canonical, same_device
-from bench.engine import EMA, Trainer, resolve_device
+from bench.devices import canonical, resolve_device, same_device
+from bench.engine import EMA, Trainer
 from bench.evaluate import evaluate
 from bench.loader import DeviceLoader, augment, hash_seed
 from bench.models import create_model
@@ -43,6 +43,23 @@ def test_cuda_without_an_index_is_the_current_gpu(monkeypatch):
     assert resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_one_resolve_device_names_the_device_of_one_process_and_of_a_rank(monkeypatch):
+    from bench.devices import device_label
+    from bench.dist import Dist
+    from bench.errors import BenchError
+
+    _fake_cuda(monkeypatch, current=0, count=2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    rank1 = Dist(rank=1, world=2, local_rank=1)
+    assert resolve_device("auto", rank1) == resolve_device("cuda", rank1) == torch.device("cuda", 1)
+    assert resolve_device("cpu", rank1) == torch.device("cpu")
+    with pytest.raises(BenchError, match="with several processes"):
+        resolve_device("cuda:0", rank1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert device_label(torch.device("cuda", 1), rank1) == "2× NVIDIA H200 (DDP)"
+    assert device_label(torch.device("cuda", 0)) == "NVIDIA H200"
 
 
 class _NamedOtherwise(torch.Generator):
@@ -161,7 +178,7 @@ def test_fp32_training_computes_in_full_fp32_and_every_epoch_names_its_device(tm
     rows = [r for r in t.run.read_metrics() if r.get("epoch", 0) >= 1]
     assert "ieee" in seen and rows[0]["fp32_math"] == "ieee" and rows[0]["device"] == t.device_label
     # resumed on "another device": the rows say which epoch ran where, the report credits the run to neither
-    monkeypatch.setattr(engine, "run_device_name", lambda cfg, dist=None: "NVIDIA H200 (pretend)")
+    monkeypatch.setattr(engine, "device_label", lambda device, dist=None: "NVIDIA H200 (pretend)")
     said = []
     t2 = Trainer(cfg, synthetic, RunDir(tmp_path / "r"), progress=False, echo=said.append)
     t2.resume()

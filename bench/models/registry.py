@@ -20,3 +20,12 @@ def create_model(arch: str, num_classes: int, in_channels: int = 3, mean: Sequen
     model = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
     model.arch = arch
     return model
+
+
+def build_model(cfg, dataset) -> Classifier:
+    """The untrained network of the run ``cfg`` (a :class:`~bench.config.RunConfig`) on ``dataset``: its
+    architecture for the dataset's classes and channels, holding the dataset's mean/std when the run normalises its
+    inputs (``cfg.normalize``). Training builds it to start from; evaluating a finished run builds it to load the
+    run's final weights into."""
+    mean_std = dataset.stats() if cfg.normalize else (None, None)
+    return create_model(cfg.arch, dataset.num_classes, dataset.channels, *mean_std)
