@@ -373,8 +373,7 @@ def make_time_vs_robustness(groups: dict, runs: list) -> tuple[Any, str] | None:
 
 
 def make_tsne(runs: list) -> tuple[Any, str] | None:
-    found = [(r, json.loads((r.dir.path / "tsne.json").read_text())) for r in runs
-             if r.method == "afd" and (r.dir.path / "tsne.json").is_file()]
+    found = [(r, r.tsne) for r in runs if r.method == "afd" and r.tsne]
     if not found:
         return None
     run, data = sorted(found, key=lambda t: (bool(t[0].source), t[0].name))[0]  # the user's own run first

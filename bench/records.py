@@ -4,11 +4,14 @@
 * ``config.json``  — the resolved config, git commit, package versions, device;
 * ``metrics.jsonl`` — one line per finished epoch (loss, train accuracy, lr, seconds, images/s, memory, feature gaps),
   after a line for epoch 0 with the feature gaps of the starting model;
-* ``eval.json``    — clean / PGD-20 / AutoAttack numbers, each with n, seed, device, dtype and versions;
+* ``eval.json``    — clean / PGD-20 / AutoAttack numbers, each with n, seed, device, dtype and versions (and a
+  method's extra heads: AFD's f1 / f2);
+* ``tsne.json``    — a method's t-SNE of its features (AFD's Fig. 3), where it has one;
 * ``done``         — written last, when training and evaluation are complete;
 * ``ckpt/``        — checkpoints and the final weights (git-ignored; safetensors only).
 
-Every file is written atomically. :func:`collect_runs` gathers all runs into a pandas DataFrame.
+Every file is written atomically. :func:`collect_runs` is the one reader of all runs: a pandas DataFrame with a row
+per run, which ``bench report`` builds on.
 """
 from __future__ import annotations
 
@@ -124,6 +127,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     eval = property(lambda self: self.path / "eval.json")
     method_record = property(lambda self: self.path / "method.json")  # what a method's stages found (RiFT)
+    tsne = property(lambda self: self.path / "tsne.json")  # a method's t-SNE of its features (AFD Fig. 3)
     grids = property(lambda self: self.path / "grids.json")  # the --set grids this run is a point of
     done = property(lambda self: self.path / "done")
     ckpt_dir = property(lambda self: self.path / "ckpt")
@@ -175,7 +179,8 @@ class RunDir:
         return self._read_all()[3]
 
     def _read_all(self) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None, list[DamagedRecord]]:
-        """(config record or {}, metrics rows, eval record or None, what of them is damaged), each read once."""
+        """(config record or {}, every metrics row (epoch 0 first), eval record or None, what of them is damaged),
+        each read once."""
         cfg: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
         ev: dict[str, Any] | None = None
@@ -185,8 +190,8 @@ class RunDir:
         except DamagedRecord as e:
             out.append(e)
         try:
-            rows = self.read_metrics()
-            if not rows and self.is_done():
+            rows = self.read_metrics(start=True)
+            if not any(r["epoch"] >= 1 for r in rows) and self.is_done():
                 out.append(DamagedRecord(self.metrics, "no epoch's row, in a finished run"))
         except DamagedRecord as e:
             out.append(e)
@@ -259,12 +264,18 @@ class RunDir:
     def mark_done(self) -> None:
         atomic_write_text(self.done, "done\n")
 
-    def status(self) -> dict[str, Any]:
+    def status(self, check_weights: bool = True) -> dict[str, Any]:
         """The run's state: done, running (another process holds its lock), partial, empty, or damaged (a record
-        cannot be read: ``damage`` says which and why; ``bench run`` of the run repairs it)."""
-        cfg, rows, ev, found = self._read_all()
+        cannot be read, or with ``check_weights`` a finished run's final weights are not the model ``eval.json``
+        evaluated: ``damage`` says which and why; ``bench run`` of the run repairs it)."""
+        return self._status(*self._read_all(), check_weights=check_weights)
+
+    def _status(self, cfg: dict[str, Any], rows: list[dict[str, Any]], ev: dict[str, Any] | None,
+                found: list[DamagedRecord], check_weights: bool = True) -> dict[str, Any]:
+        """:meth:`status` from the records :meth:`_read_all` read."""
+        rows = [r for r in rows if r["epoch"] >= 1]
         damage: list[Any] = list(found)
-        if self.is_done() and not damage:
+        if check_weights and self.is_done() and not damage:
             bad = self.weights_mismatch(ev)
             if bad:
                 damage.append(bad)
@@ -297,29 +308,49 @@ def list_runs(results_dir: str | os.PathLike = "results") -> list[RunDir]:
             if p.is_dir() and not p.is_symlink() and (p / "config.json").is_file()]
 
 
-def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = False):
-    """All runs as a pandas DataFrame: one row per run with its config, timing and evaluation numbers.
+def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = False, *,
+                 damaged: list[str] | None = None, check_weights: bool = True):
+    """All runs under ``results_dir/runs`` as a pandas DataFrame, one row per run, each record file read once: the
+    one reader of run records (``bench report`` builds on it).
 
-    Columns: run, method, dataset, arch, seed, preset, precision, state, epochs, epochs_done, sec_per_epoch
-    (mean over epochs), train_seconds (sum), device, final_loss, final_feature_gap, and for every evaluated attack
-    ``<attack>`` (accuracy in %) and ``<attack>_n``; ``<head>_<attack>`` for extra heads (AFD's f1 / f2);
-    ``feature_gap_start`` (epoch 0); ``hp.<key>`` for every hyper-parameter.
+    Columns: run, path, method, dataset, arch, seed, preset, precision, state (:meth:`RunDir.status`), done (the
+    ``done`` marker is there), epochs, epochs_done, sec_per_epoch (mean over epochs), train_seconds (sum), device
+    (``config.json``'s: where the run started), pretrained, final_loss, final_feature_gap, suspect, and for every
+    evaluated attack ``<attack>`` (accuracy in %) and ``<attack>_n``; ``<head>_<attack>`` for extra heads (AFD's f1
+    / f2); ``feature_gap_start`` (epoch 0); ``hp.<key>`` for every hyper-parameter. The records themselves, for
+    what needs more than a number: ``config`` (the resolved config), ``metrics`` (every row of ``metrics.jsonl``,
+    epoch 0 first), ``eval_record`` (``eval.json``, heads included, or None), ``tsne`` (``tsne.json``, or None), and
+    ``base``: the run among these rows that the run started from (its ``pretrained`` names it), or None.
+
+    A damaged run (a record that cannot be read; with ``check_weights``, also final weights that are not the
+    model ``eval.json`` evaluated) is left out and described in ``damaged`` (a line each, with its name and
+    why), so that one bad record never stops a reader of many runs. ``done_only``: finished runs only.
     """
     import pandas as pd
 
     rows = []
     for run in list_runs(results_dir):
-        st = run.status()
-        if (done_only and st["state"] != "done") or st["state"] == "damaged":
+        try:
+            rec, metrics_all, ev, found = run._read_all()
+        except OSError as e:  # (a record that cannot be opened at all)
+            if damaged is not None:
+                damaged.append(f"{run.name}: {e}")
             continue
-        rec = run.read_config()
+        st = run._status(rec, metrics_all, ev, found, check_weights=check_weights)
+        if "damage" in st:  # (also of a run another process holds: what cannot be read is not reported)
+            if damaged is not None:
+                damaged.append(f"{run.name}: {st['damage']}")
+            continue
+        if done_only and st["state"] != "done":
+            continue
         c = rec.get("config", {})
-        metrics = run.read_metrics()
+        metrics = [m for m in metrics_all if m["epoch"] >= 1]
         row = {"run": run.name, "path": str(run.path), "method": c.get("method"), "dataset": c.get("dataset"),
                "arch": c.get("arch"), "seed": c.get("seed"), "preset": c.get("preset"),
-               "precision": c.get("precision"), "state": st["state"], "epochs": c.get("hp", {}).get("epochs"),
-               "epochs_done": len(metrics), "device": rec.get("device"), "pretrained": c.get("pretrained")}
-        start = [m for m in run.read_metrics(start=True) if m.get("epoch") == 0]
+               "precision": c.get("precision"), "state": st["state"], "done": run.is_done(),
+               "epochs": c.get("hp", {}).get("epochs"), "epochs_done": len(metrics), "device": rec.get("device"),
+               "pretrained": c.get("pretrained")}
+        start = [m for m in metrics_all if m["epoch"] == 0]
         if start:
             row["feature_gap_start"] = start[0].get("feature_gap")
         if metrics:
@@ -330,7 +361,6 @@ def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = F
             row["final_feature_gap"] = metrics[-1].get("feature_gap")
         for k, v in c.get("hp", {}).items():
             row[f"hp.{k}"] = json.dumps(v) if isinstance(v, (dict, list)) else v
-        ev = run.read_eval()
         if ev:
             row["suspect"] = ",".join(ev.get("suspect", [])) or None
             for name, r in ev.get("results", {}).items():
@@ -339,5 +369,20 @@ def collect_runs(results_dir: str | os.PathLike = "results", done_only: bool = F
             for head, res in ev.get("heads", {}).items():  # AFD's f1 / f2 heads (Table 4): f1_clean, f2_pgd20, ...
                 for name, r in res.items():
                     row[f"{head}_{name}"] = r.get("acc")
+        row.update(config=c, metrics=metrics_all, eval_record=ev, tsne=_read_tsne(run))
         rows.append(row)
+    names = {r["run"] for r in rows}
+    for r in rows:
+        r["base"] = r["pretrained"] if r["pretrained"] in names else None
     return pd.DataFrame(rows)
+
+
+def _read_tsne(run: RunDir) -> dict[str, Any] | None:
+    """``tsne.json`` of ``run``, or None where there is none or it cannot be read as a record (a figure's data: the
+    run's numbers do not depend on it, so it never makes the run damaged)."""
+    if not run.tsne.is_file():
+        return None
+    try:
+        return _load_record(run.tsne, None)
+    except (DamagedRecord, OSError):
+        return None

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .errors import BenchError
 from .config import RunConfig, identity_hp
-from .records import RunDir, list_runs
+from .records import RunDir, collect_runs
 
 OPTIONAL_IDENTITY = RunConfig.OPTIONAL_IDENTITY
 
@@ -50,14 +50,15 @@ FIG1A_METHODS = ["vaft", "afkd", "arrest", "afd"]
 
 @dataclass
 class Run:
-    """One finished or partial run: its record files, read once."""
+    """One finished or partial run, from its row of :func:`~bench.records.collect_runs`."""
 
     dir: RunDir
     config: dict[str, Any]
     device: str
-    metrics: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]  # every row of metrics.jsonl, epoch 0 first
     eval: dict[str, Any] | None
-    method_record: dict[str, Any] | None
+    done: bool = False
+    tsne: dict[str, Any] | None = None
     setting: str = ""
     label: str = ""
     source: str = ""  # "" for the user's own runs; "reference" for the project's shipped records beside them
@@ -73,10 +74,6 @@ class Run:
         if key in cfg:
             return cfg[key]
         raise AttributeError(key)
-
-    @property
-    def done(self) -> bool:
-        return self.dir.is_done()
 
     @property
     def suspect(self) -> list[str]:
@@ -110,36 +107,23 @@ def epochs_device(metrics: list[dict[str, Any]], config_device: str) -> str:
 
 
 def read_runs(results_dir: str | Path, damaged: list[str] | None = None, source: str = "") -> list[Run]:
-    """Every run with records under ``results_dir/runs``; a run whose records cannot be read is left out and
-    described in ``damaged`` (one line each, with the path), so that one bad record never stops a report.
-    ``source`` (e.g. "reference") marks runs that are not the user's own: their names, setting keys and labels
-    carry it, so that they form settings of their own, labelled as such, and link only to starting models of the
-    same source."""
-    from .records import DamagedRecord
-
+    """Every run with records under ``results_dir/runs``, as :func:`~bench.records.collect_runs` reads them; a run
+    whose records cannot be read is left out and described in ``damaged`` (one line each, with the path), so that
+    one bad record never stops a report. The report trusts ``eval.json`` for its numbers: final weights changed
+    since do not leave a run out. ``source`` (e.g. "reference") marks runs that are not the user's own: their
+    names, setting keys and labels carry it, so that they form settings of their own, labelled as such, and link
+    only to starting models of the same source."""
+    table = collect_runs(results_dir, damaged=damaged, check_weights=False)
     runs = []
-    for d in list_runs(results_dir):
-        if not d.config.is_file():
-            continue
-        try:
-            dmg = d.damage()
-            if dmg:
-                raise dmg[0]
-            rec = d.read_config()
-            metrics = d.read_metrics(start=True)
-            run = Run(d, rec["config"], epochs_device(metrics, rec.get("device") or "unknown device"), metrics,
-                      d.read_eval(), d.read_method_record(), source=source)
-        except (DamagedRecord, ValueError, OSError) as e:  # (method.json is read as plain JSON)
-            if damaged is not None:
-                damaged.append(f"{d.name}: {e}")
-            continue
-        runs.append(run)
-    if source:  # a starting model named in config.json is a run of the same results root: of the same source
-        local = {r.dir.name for r in runs}
-        for r in runs:
-            pre = r.config.get("pretrained")
-            if pre in local:
-                r.config = {**r.config, "pretrained": f"{source}:{pre}"}
+    for row in table.to_dict("records"):
+        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}  # (pandas: NaN)
+        config = row["config"]
+        if source and row["base"]:  # the starting model is a run of the same results root: of the same source
+            config = {**config, "pretrained": f"{source}:{row['base']}"}
+        runs.append(Run(RunDir(Path(row["path"])), config, epochs_device(row["metrics"], row["device"] or
+                                                                         "unknown device"),
+                        row["metrics"], row["eval_record"], done=bool(row["done"]), tsne=row["tsne"],
+                        source=source))
     by_name = {r.name: r for r in runs}
     for r in runs:
         r.setting = setting_key(r, by_name)
