@@ -31,7 +31,8 @@ from torch import nn
 
 from . import faults
 from .devices import same_device
-from .dist import per_example, seed_loss
+from .dist import rows_like
+from .step import per_example, seed_loss
 from .fsutil import atomic_write_json
 from .precision import wide
 
@@ -72,7 +73,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def uniform_noise(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """U(−ε, ε) per pixel; drawn from ``generator`` (any device) when given, else the global RNG of x's device.
-    Inside a training step on a shard of a global batch, drawn for the global batch (:func:`bench.dist.per_example`)."""
+    Inside a training step on a shard of a global batch, drawn for the global batch (:func:`bench.step.per_example`)."""
     def draw(m: int) -> torch.Tensor:
         shape = (m, *x.shape[1:])
         if generator is not None and not same_device(generator.device, x.device):
@@ -82,6 +83,13 @@ def uniform_noise(x: torch.Tensor, eps: float, generator: torch.Generator | None
     return per_example(draw, x.shape[0])
 
 
+def normal_noise(x: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) per pixel, shaped, typed and laid out like ``x``, from the global RNG of x's device (what
+    ``torch.randn_like(x)`` draws). Inside a training step on a shard of a global batch, drawn for the global batch
+    (:func:`bench.step.per_example`)."""
+    return per_example(lambda m: rows_like(x, m).normal_(), x.shape[0])
+
+
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(wide(logits), y)
 
@@ -89,7 +97,7 @@ def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def input_grad(model: Callable, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = _ce,
                seed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(∇_x loss, logits) at x, without touching parameter gradients. ``seed``: the loss is seeded with the rank's
-    batch share inside a sharded training step (:func:`bench.dist.seed_loss`) — needed when BatchNorm runs in train
+    batch share inside a sharded training step (:func:`bench.step.seed_loss`) — needed when BatchNorm runs in train
     mode, whose synchronised statistics couple the ranks' losses; in eval mode every example's gradient is its own
     and only its scale (1/local batch) differs, which the sign of an attack step ignores."""
     x = x.detach().requires_grad_(True)

@@ -9,19 +9,21 @@ and it resumes on any number of processes. What that takes, and where it lives:
 * **Data** (``bench.loader``): every rank draws the same epoch permutation and the same augmentation numbers for the
   *whole* global batch and keeps its own rows of it (an even split, :meth:`Dist.shard`); each epoch, a rank copies
   only its shard of the training split to its device.
-* **Per-example randomness inside a step** (PGD's random start, TRADES' Gaussian start, ATAS's crops): drawn for the
-  global batch and cut to the rank's rows by :func:`per_example`, inside the :meth:`Dist.step` scope that the engine
-  opens around every ``train_step``. Outside a step (evaluation, probes) nothing changes.
-* **Gradients**: every loss that is differentiated inside a step is *seeded* with the rank's share of the global
-  batch (:func:`seed_loss`: a batch-mean loss over ``size`` rows times ``size / total``), and parameter gradients are
-  *summed* over ranks. Then every gradient — of the parameters, of the input (attacks), through synchronised BN,
-  whose statistics couple the ranks — is the single-process one, also for uneven shards (weighting the reduced
-  gradients instead would be wrong there: sync BN's backward mixes every rank's loss into every rank's gradient).
-  Methods whose update is ``loss.backward()`` train through ``self.net``, which the engine wraps in
-  ``DistributedDataParallel`` with a summing communication hook; methods that take their gradients with
-  ``torch.autograd.grad`` (AFD's three steps) bypass DDP and call :meth:`Dist.reduce_grads_`. A check after every
-  epoch (:meth:`Dist.check_same`) stops a run whose parameters differ between ranks — the sign of a gradient that
-  was never reduced.
+* **Inside a training step** the engine opens the step's context (:meth:`Dist.step`, a
+  :class:`bench.step.StepContext`), through which methods and the attacks do everything that couples the ranks:
+  per-example draws made for the global batch (PGD's random start, TRADES' Gaussian start, ATAS's crops), losses
+  *seeded* with the rank's share of the global batch (a batch-mean loss over ``size`` rows times ``size / total``)
+  before they are differentiated, per-example state written for the whole global batch, decisions taken on it.
+  Outside a step (evaluation, probes) nothing changes.
+* **Gradients**: parameter gradients of seeded losses are *summed* over ranks. Then every gradient — of the
+  parameters, of the input (attacks), through synchronised BN, whose statistics couple the ranks — is the
+  single-process one, also for uneven shards (weighting the reduced gradients instead would be wrong there: sync
+  BN's backward mixes every rank's loss into every rank's gradient). A method whose update is ``loss.backward()``
+  trains through ``self.net``, which its ``prepare_distributed`` puts in ``DistributedDataParallel`` with a summing
+  communication hook (:meth:`Dist.wrap`); one that takes its gradients with ``torch.autograd.grad`` (AFD's three
+  steps) gets them summed by the step context (:meth:`Dist.reduce_grads_`). A check after every epoch
+  (:meth:`Dist.check_same`) stops a run whose parameters differ between ranks — the sign of a gradient that was
+  never reduced.
 * **BatchNorm**: with ``sync_bn`` (the default under DDP) every BN layer is replaced by :class:`SyncBatchNorm`, which
   normalises with the statistics of the global batch (forward and backward), exactly like one BN on one process.
   ``--no-sync-bn`` keeps per-rank statistics (faster, what most DDP codebases do); that changes the trained weights,
@@ -29,7 +31,7 @@ and it resumes on any number of processes. What that takes, and where it lives:
 * **Per-example state** (ATAS's perturbation buffer, Free-AT's δ): kept whole on every rank; after each step the
   rows a rank updated are gathered (:meth:`Dist.gather_rows`) and written on every rank.
 * **Scalars** (train accuracy, losses, NaN guard, ARREST's replay decision, FGSM-RS's early stop): reduced with the
-  same batch-share weights (:meth:`Dist.batch_mean`, :meth:`Dist.all_sum`).
+  same batch-share weights (:meth:`Dist.all_sum`).
 
 Only rank 0 writes records and checkpoints; decisions that depend on files are rank 0's (:meth:`Dist.agree`).
 Evaluation shards the test set by attack batch (PGD-20) or chunk (AutoAttack) and gathers per-point results.
@@ -39,7 +41,6 @@ Evaluation shards the test set by attack batch (PGD-20) or chunk (AutoAttack) an
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import datetime
 import os
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from torch import nn
 
 from .errors import BenchError
 from .precision import wide
+from .step import StepContext, per_example, seed_loss  # noqa: F401 - the step's draws and seeding, for library code
 
 
 @dataclass(frozen=True)
@@ -80,37 +82,6 @@ def even_shard(total: int, rank: int, world: int) -> Shard:
     base, extra = divmod(total, world)
     lo = rank * base + min(rank, extra)
     return Shard(total, lo, lo + base + (1 if rank < extra else 0))
-
-
-_STEP: contextvars.ContextVar[Shard | None] = contextvars.ContextVar("bench_dist_step", default=None)
-
-
-def current_shard() -> Shard | None:
-    """The shard of the training step being run (inside :meth:`Dist.step`), else None."""
-    return _STEP.get()
-
-
-def per_example(draw: Callable[[int], torch.Tensor], n: int) -> torch.Tensor:
-    """A per-example random draw for ``n`` local examples: ``draw(m)`` must return a tensor whose first dimension is
-    m. Inside a training step of a sharded batch, the draw is made for the whole global batch (identically on every
-    rank: same RNG state) and this rank's rows are returned, so every example gets the numbers it would get on one
-    process; elsewhere ``draw(n)``."""
-    s = _STEP.get()
-    if s is None or (s.lo == 0 and s.hi == s.total):
-        return draw(n)
-    if n != s.size:
-        raise RuntimeError(f"per-example draw for {n} examples inside a training step whose shard has {s.size} "
-                           "rows; draw for the whole local batch")
-    return draw(s.total)[s.lo:s.hi]
-
-
-def seed_loss(loss: torch.Tensor) -> torch.Tensor:
-    """A loss about to be differentiated inside a training step: times this rank's share of the global batch when
-    the batch is sharded (so that summing gradients over ranks gives the single-process gradient), else itself."""
-    s = _STEP.get()
-    if s is None or (s.lo == 0 and s.hi == s.total):
-        return loss
-    return loss * s.share
 
 
 def rows_like(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -187,21 +158,10 @@ class Dist:
     def shard(self, total: int) -> Shard:
         return even_shard(total, self.rank, self.world)
 
-    @contextlib.contextmanager
-    def step(self, shard: Shard | None) -> Iterator[None]:
-        """The scope of one training step on ``shard``: per-example draws cover the global batch, and losses are
-        seeded with the shard's share of it (:func:`per_example`, :func:`seed_loss`)."""
-        token = _STEP.set(shard)
-        try:
-            yield
-        finally:
-            _STEP.reset(token)
-
-    def _share(self, what: str) -> float:
-        s = _STEP.get()
-        if s is None:
-            raise RuntimeError(f"Dist.{what} outside a training step: open Dist.step(batch.shard) first")
-        return s.share
+    def step(self, shard: Shard | None) -> StepContext:
+        """The context of one training step on ``shard`` (a context manager: the step being run while open); see
+        :mod:`bench.step`."""
+        return StepContext(self, shard)
 
     # -- gradients ----------------------------------------------------------------------------------------------
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -249,12 +209,6 @@ class Dist:
             i += n
 
     # -- scalars and rows ---------------------------------------------------------------------------------------
-    def batch_mean(self, t: torch.Tensor) -> torch.Tensor:
-        """The global-batch mean of a quantity whose local value is a mean over this rank's rows."""
-        if not self.enabled:
-            return t
-        return all_reduce_sum(t * self._share("batch_mean"))
-
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return t
@@ -273,10 +227,9 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return t
 
-    def gather_rows(self, t: torch.Tensor, shard: Shard | None = None) -> torch.Tensor:
+    def gather_rows(self, t: torch.Tensor, s: Shard) -> torch.Tensor:
         """The rows of the whole global batch (``total``, ...) from every rank's rows of it (``size``, ...)."""
-        s = shard if shard is not None else _STEP.get()
-        if not self.enabled or s is None:
+        if not self.enabled:
             return t
         import torch.distributed as dist
 

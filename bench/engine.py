@@ -9,10 +9,11 @@ global RNG of epoch e are seeded from (seed, e), so a run resumed from its check
 weights bit for bit on a CPU as one that was never interrupted.
 
 Under data parallelism (``dist``, :mod:`bench.dist`) every rank runs this loop on its shard of each global batch;
-the engine converts BN to :class:`~bench.dist.SyncBatchNorm` (``sync_bn``), wraps the training forward in
-DistributedDataParallel for ``grad_sync = "ddp"`` methods, opens :meth:`Dist.step` around every ``train_step``,
-reduces the epoch's sums, checks after every epoch that all ranks hold the same parameters, and lets rank 0 alone
-probe, write records and checkpoints. Every rank resumes from rank 0's checkpoint.
+the engine converts BN to :class:`~bench.dist.SyncBatchNorm` (``sync_bn``), has the method set up its training
+forward for it (``Method.prepare_distributed``: DistributedDataParallel by default), opens the step context
+(:meth:`Dist.step`, :mod:`bench.step`) around every ``train_step``, reduces the epoch's sums, checks after every
+epoch that all ranks hold the same parameters, and lets rank 0 alone probe, write records and checkpoints. Every
+rank resumes from rank 0's checkpoint.
 """
 from __future__ import annotations
 
@@ -186,7 +187,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         info = {"n": len(train), "shape": tuple(train.x.shape[1:]), "num_classes": dataset.num_classes,
                 "crop_pad": spec.crop_pad, "flip": spec.flip}
-        self.method = self.method_cls(hp, model, teacher, len(self.loader), info, dist=dist)
+        self.method = self.method_cls(hp, model, teacher, len(self.loader), info, processes=dist.world)
         trained = self.method.model  # may wrap the architecture (AFD adds D1, D2)
         if cfg.compile:
             self.method.compile()
@@ -196,7 +197,7 @@ class Trainer:
         self.probe_y = probe.y.to(self.device)
         self.metrics: list[dict[str, Any]] = []
         self.start_epoch = 0
-        self._wrapped = False  # the training forward is in DDP (data parallelism, from the first epoch on)
+        self._distributed = False  # the method's prepare_distributed ran (data parallelism, before the first epoch)
 
     def _check_shards(self, n: int, batch: int) -> None:
         """Under data parallelism every rank needs rows of every batch: at least one image (synchronised BN) or two
@@ -280,7 +281,7 @@ class Trainer:
             # epoch 0: the gap of the starting model (the left end of the paper's Fig. 1a curves)
             self.metrics.append({"epoch": 0, **self.probe()})
             self.dist.main_only(self._write_metrics, "writing metrics.jsonl")
-        self._wrap_for_ddp()
+        self._prepare_distributed()
         # fp32 (and fp64) training computes in full fp32: no TF32 convolutions (cuDNN's default on Ampere and later)
         with sealed_test(self.dataset), (contextlib.nullcontext() if amp else full_fp32()):
             self._epochs(end, epochs, amp)
@@ -289,15 +290,13 @@ class Trainer:
                 self.dist.main_only(lambda: (self.save_checkpoint(self.start_epoch), self._write_method_record()),
                                     "writing the checkpoint after training")
 
-    def _wrap_for_ddp(self) -> None:
-        """Under data parallelism: the training forward of a ``grad_sync = "ddp"`` method in DistributedDataParallel
-        (after the stage before training, which may choose the parameters that train: RiFT), compiled on top when
-        asked."""
-        if not self.dist.enabled or self.method.grad_sync != "ddp" or self._wrapped:
+    def _prepare_distributed(self) -> None:
+        """Under data parallelism, once: the method sets up its training forward for several processes (after the
+        stage before training, which may choose the parameters that train: RiFT)."""
+        if not self.dist.enabled or self._distributed:
             return
-        net = self.dist.wrap(self.method.model)
-        self.method.net = torch.compile(net) if self.cfg.compile else net
-        self._wrapped = True
+        self.method.prepare_distributed(self.dist.wrap)
+        self._distributed = True
 
     def _write_metrics(self) -> None:
         if self.dist.is_main:

@@ -30,8 +30,8 @@ O  (θ₁)            G₁|ω + G₂ + wd·θ_t + G₃         G₃
 (each optimiser adds its own weight decay wd·θ on top; the extra wd·θ_t of the code-faithful O step is O₂'s weight
 decay that old PyTorch left in the accumulated gradient: see ``AFD.apply``.)
 
-Under data parallelism (bench.dist) G₁, G₂, G₃ are reduced across ranks (weighted by each rank's share of the global
-batch) in one all-reduce before the three steps, so every rank steps with the global-batch gradients.
+The three gradients come from the step context (``self.ctx.param_grads``): under data parallelism they are the
+global-batch gradients, summed over processes in one all-reduce before the three steps (no DDP forward).
 
 (The authors' code backpropagates αL₁, βL₂, L₃ in turn with accumulating gradients and steps after each — which
 modern PyTorch refuses, METHODS §14.4 / §17 #4. Computing all three at θ_t is that code with every backward reading
@@ -61,7 +61,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.dist import seed_loss
 from bench.errors import BenchError
 
 from .afkd import angular_distance
@@ -129,11 +128,6 @@ class _Head(nn.Module):
         return self.model.base.fc(d(self.model.base.features(x)))
 
 
-def _grads(loss: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
-    """∇loss for each parameter; ``None`` where the loss does not depend on it at all."""
-    return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
-
-
 def _dense(grads: list[torch.Tensor | None], params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
@@ -197,7 +191,6 @@ class AFD(Method):
     paper = "METHODS.md §14, code-faithful update of §14.4 (Zhou et al. 2025, Algorithm 1 as the code runs it)"
     attack_bn = "eval"
     literal = False
-    grad_sync = "manual"  # the three gradients come from torch.autograd.grad: reduced in train_step, not by DDP
     defaults = {**AFT_DEFAULTS, "attack_step": 0.007, "alpha": 0.05, "beta": 0.25, "gamma": 25.0,
                 "ema": {"decay": 0.999, "warmup": True}, "reading": "simultaneous"}
     identity_neutral = {"reading": "simultaneous"}  # (added after runs were recorded, at their value)
@@ -240,6 +233,9 @@ class AFD(Method):
         if not self.sequential:  # (sequential: g stays eager, its saved tensors must be the parameters themselves)
             self.backbone = torch.compile(self.model.base.features)
 
+    def prepare_distributed(self, wrap) -> None:
+        """No DDP forward: the three gradients come from ``self.ctx.param_grads``, which sums them over processes."""
+
     def losses(self, x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             t = self.teacher_net(x)
@@ -262,11 +258,10 @@ class AFD(Method):
                 "y_conf": y_conf}
 
     def gradients(self, L: dict[str, torch.Tensor]) -> tuple[list, list, list]:
-        """(G₁ on [D₂] + ω, G₂ on θ₁, G₃ on θ₁), all at θ_t."""
+        """(G₁ on [D₂] + ω, G₂ on θ₁, G₃ on θ₁), all at θ_t (``None`` where a loss does not reach a parameter)."""
         hp = self.hp
-        g1 = _grads(seed_loss(hp["alpha"] * L["l1"]), self.theta2 + self.omega)
-        g2 = _grads(seed_loss(hp["beta"] * L["l2"]), self.theta1)
-        g3 = _grads(seed_loss(L["l3"]), self.theta1)
+        g1, g2, g3 = self.ctx.param_grads((hp["alpha"] * L["l1"], self.theta2 + self.omega),
+                                          (hp["beta"] * L["l2"], self.theta1), (L["l3"], self.theta1))
         return g1, g2, g3
 
     def o2_gradient(self, g1_omega: list, g2: list) -> list[torch.Tensor]:
@@ -301,19 +296,15 @@ class AFD(Method):
         :class:`LateParameters` by :meth:`losses`): G₁ → O₁, G₂ → O₂, then G₃, whose backward reads θ_{t+½} (the
         weights O₂ has stepped) with the activations of θ_t, → O with G₁|ω + G₂ + wd·θ_t + G₃ (O₂'s weight decay
         left in the accumulated gradient, as in the simultaneous reading). Steps 1 and 2 read θ_t: L₁'s backward
-        runs before any step, and L₂'s reads no weight of D₂ (f₂ enters it detached). Each G is reduced across ranks
-        before its step."""
-        hp, wd = self.hp, self.hp["weight_decay"]
-        g1 = _grads(seed_loss(hp["alpha"] * L["l1"]), self.theta2 + self.omega)
-        self.dist.reduce_grads_(g1)
+        runs before any step, and L₂'s reads no weight of D₂ (f₂ enters it detached)."""
+        hp, wd, ctx = self.hp, self.hp["weight_decay"], self.ctx
+        (g1,) = ctx.param_grads((hp["alpha"] * L["l1"], self.theta2 + self.omega))
         _step(self.o1, self.theta2, _dense(g1[:1], self.theta2))
-        g2 = _grads(seed_loss(hp["beta"] * L["l2"]), self.theta1)
-        self.dist.reduce_grads_(g2)
+        (g2,) = ctx.param_grads((hp["beta"] * L["l2"], self.theta1))
         s2 = self.o2_gradient(g1[1:], g2)
         carried = [a + wd * p.detach() for a, p in zip(s2, self.theta1)]  # at θ_t, before O₂'s step
         _step(self.o2, self.theta1, s2)
-        g3 = _grads(seed_loss(L["l3"]), self.theta1)  # reads θ_{t+½}
-        self.dist.reduce_grads_(g3)
+        (g3,) = ctx.param_grads((L["l3"], self.theta1))  # reads θ_{t+½}
         _step(self.o, self.theta1, [c + g for c, g in zip(carried, _dense(g3, self.theta1))])
 
     def train_step(self, batch, epoch, step):
@@ -322,10 +313,7 @@ class AFD(Method):
         if self.sequential:
             self.sequential_steps(L)
         else:
-            g1, g2, g3 = self.gradients(L)
-            # under data parallelism: every G becomes the global-batch gradient before any of the three steps
-            self.dist.reduce_grads_([*g1, *g2, *g3])
-            self.apply(g1, g2, g3)
+            self.apply(*self.gradients(L))
         hp = self.hp
         total = hp["alpha"] * L["l1"] + hp["beta"] * L["l2"] + L["l3"]
         return {"loss": total.detach(), "l1": L["l1"].detach(), "l2": L["l2"].detach(), "l3": L["l3"].detach(),

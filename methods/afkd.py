@@ -55,8 +55,8 @@ class AFKD(VAFT):
 
     def setup(self) -> None:
         super().setup()
-        if self.teacher_train_mode and self.dist.enabled:
-            raise BenchError(f"{self.name}.teacher_bn = train on {self.dist.world} processes: a train-mode teacher "
+        if self.teacher_train_mode and self.processes > 1:
+            raise BenchError(f"{self.name}.teacher_bn = train on {self.processes} processes: a train-mode teacher "
                              "normalises with each process's batch statistics; accepted: one process, or "
                              "teacher_bn = eval")
 

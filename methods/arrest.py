@@ -43,7 +43,7 @@ class ARREST(AFKD):
         decides whether the 10-step attack runs at all."""
         if epoch + 1 > self.hp["replay_epochs"] and not self.teacher_train_mode:
             return False, None  # (ARREST.py measures the shift on every batch: with a train-mode teacher it counts)
-        d = self.dist.batch_mean(self.representation_shift(x))  # of the global batch: one decision on every rank
+        d = self.ctx.mean(self.representation_shift(x))  # of the whole batch: one decision on every process
         return epoch + 1 <= self.hp["replay_epochs"] and bool(d >= 1.0 - math.cos(math.radians(self.hp["theta"]))), d
 
     def train_step(self, batch, epoch, step):

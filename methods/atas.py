@@ -32,9 +32,9 @@ normalisation (Decision 1: inputs in [0, 1], normalisation inside the model only
 dataset's own statistics). Since c = 0.01 compares against ‖∇ₓ‖ in input units, the adaptive step is not
 scale-free: with normalisation every ‖∇ₓ‖ grows by about 1/std ≈ 4.4, shifting η towards its lower bound.
 
-Under data parallelism (bench.dist) the crops and flips are those of the global batch, the input gradient is that of
-the global-batch mean CE (the local one rescaled by the rank's share of the batch: ‖∇ₓ‖ sets η), and after
-every step the updated rows of δ and v of the whole global batch are gathered and written on every rank.
+The crops and flips are per-example draws of the step context (``self.ctx.draw``), the input gradient is that of the
+batch-mean CE (seeded: ‖∇ₓ‖ sets η), and δ and v are written through ``self.ctx.scatter_``: under data parallelism
+the global batch's crops, its gradient, and every process's updated rows of δ and v written on every process.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import input_grad
-from bench.dist import current_shard, per_example
 from bench.errors import BenchError
 from bench.loader import draw_augment, to_device, window_index
 from bench.precision import wide
@@ -158,34 +157,31 @@ class ATAS(Method):
     def transform(self, b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One crop offset and flip per example, drawn now (:meth:`draw`; for the whole global batch under data
         parallelism) and copied to ``device`` in one copy."""
-        d = to_device(per_example(self.draw, b), device)
+        d = to_device(self.ctx.draw(self.draw, b), device)
         return d[:, 0], d[:, 1], d[:, 2].bool()
 
     def step_transform(self, b: int, step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """The crops and flips of step ``step`` of this epoch's plan (this rank's rows of them), else drawn now."""
+        """The crops and flips of step ``step`` of this epoch's plan (this process's rows of them), else drawn now."""
         if self.plan is None:
             return self.transform(b, device)
         draws, sizes, starts = self.plan
-        shard = current_shard()
-        total = b if shard is None else shard.total
+        total = self.ctx.total(b)
         if step >= len(sizes) or sizes[step] != total:
             raise RuntimeError(f"ATAS step {step} has a global batch of {total} images; the epoch's crops were drawn "
                                f"for {len(sizes)} steps of {sizes[:3]}... images")
-        d = draws[starts[step]:starts[step] + total]
-        if shard is not None:
-            d = d[shard.rows]
+        d = self.ctx.local(draws[starts[step]:starts[step] + total])
         return d[:, 0], d[:, 1], d[:, 2].bool()
 
     def step_sizes(self, g: torch.Tensor, idx: torch.Tensor, epoch: int,
                    all_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """η_i per example; updates v_i after the warm-up (``all_idx``: the indices of the whole global batch under
-        data parallelism, whose rows every rank writes)."""
+        """η_i per example; updates v_i after the warm-up (``all_idx``: the indices of the step's whole batch,
+        ``batch.all_idx``, whose rows are written; default ``idx``)."""
         hp = self.hp
         if epoch + 1 <= hp["warmup_epochs"]:
             # in g's dtype: float32 (torch's default) would round ε in a float64 run (9e-9 relative, fidelity.atas)
             return torch.full((g.shape[0],), float(hp["eps"]), device=g.device, dtype=g.dtype)
         v = wide(g.flatten(1)).norm(dim=1).pow(2) * (1 - hp["beta_m"]) + self.gdnorm[idx] * hp["beta_m"]
-        self.gdnorm[idx if all_idx is None else all_idx] = self.dist.gather_rows(v)
+        self.ctx.scatter_(self.gdnorm, idx if all_idx is None else all_idx, v)
         eta = hp["step_numerator"] / (1 + v.sqrt() / hp["c"])
         return eta.clamp(hp["min_step"], hp["max_step"])
 
@@ -199,11 +195,8 @@ class ATAS(Method):
             d_aug = crop_flip(self.delta[idx], oy, ox, flip, h, w)
             x_init = (x_aug + d_aug).clamp(0.0, 1.0)
         self.model.eval()
-        g, _ = input_grad(self.attack_net, x_init, y)
-        if batch.shard is not None and batch.shard.size != batch.shard.total:
-            # eval mode: example i's gradient is its own, scaled by 1/(local batch) where one process has 1/(global
-            # batch); ‖g_i‖ sets the step, so it is rescaled to the single-process value
-            g = g * batch.shard.share
+        # the gradient of the batch-mean CE (seeded): ‖g_i‖ sets the step, so its 1/batch scale counts
+        g, _ = input_grad(self.attack_net, x_init, y, seed=True)
         eta = self.step_sizes(g, idx, epoch, batch.all_idx)
         with torch.no_grad():
             x_adv = x_init + eta[:, None, None, None] * g.sign()
@@ -215,10 +208,8 @@ class ATAS(Method):
         with torch.no_grad():
             rows = self.delta[idx]
             uncrop_flip_(rows, x_adv - x_aug, oy, ox, flip)
-            # under data parallelism every rank writes the rows of the whole global batch (gathered), so the
-            # per-example state stays whole and equal on every rank
-            self.delta[batch.all_idx] = self.dist.gather_rows(rows)
-            eta = self.dist.gather_rows(eta)
+            self.ctx.scatter_(self.delta, batch.all_idx, rows)
+            eta = self.ctx.gather(eta)  # (the step sizes of the whole batch, logged)
             self.step_stats[0] = torch.minimum(self.step_stats[0], eta.min())
             self.step_stats[1] = torch.maximum(self.step_stats[1], eta.max())
             self.step_stats[2] += eta.sum()

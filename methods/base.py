@@ -20,14 +20,19 @@ The engine owns the data, the clock and the disk; a method owns its losses, its 
 * ``probe(module)``: the function the feature-gap probe attacks and its (natural, adversarial) feature maps.
 * ``eval_heads(module)``: extra classifier heads evaluated at the end (AFD's f₁ / f₂ heads, the paper's Table 4).
 
-Forwards: ``self.net`` is the *training* forward (the engine may swap in a compiled module, and under data
-parallelism the DistributedDataParallel wrapper whose backward reduces the gradients); ``self.attack_net`` is the
-forward attacks differentiate w.r.t. the input (compiled, never DDP-wrapped; compiled, it is
-:class:`bench.attacks.CompiledAttackForward`: no gradient reaches a parameter through it, and an eval-mode PGD step is
-one compiled graph). A method whose gradients come from
-``torch.autograd.grad`` instead of ``backward()`` sets ``grad_sync = "manual"`` and reduces them itself with
-``self.dist.reduce_grads_`` (AFD). ``self.dist`` (:class:`bench.dist.Dist`) is the process group: single-process by
-default, where all of this is a no-op.
+Forwards: ``self.net`` is the *training* forward (compiled by ``compile()``, and put in DistributedDataParallel by
+``prepare_distributed()`` under data parallelism); ``self.attack_net`` is the forward attacks differentiate w.r.t.
+the input (compiled, never DDP-wrapped; compiled, it is :class:`bench.attacks.CompiledAttackForward`: no gradient
+reaches a parameter through it, and an eval-mode PGD step is one compiled graph).
+
+Several processes: a method is written for one process and is correct on N through ``self.ctx``, the
+:class:`bench.step.StepContext` of the step being run, whose operations are the one-process ones on one process:
+``ctx.backward(loss)`` / ``ctx.grad(loss, x)`` / ``ctx.param_grads(...)`` differentiate a batch-mean loss (the base
+``ce_step`` does), ``ctx.draw`` makes per-example random draws, ``ctx.scatter_`` writes per-example state,
+``ctx.mean`` / ``ctx.sum`` decide on the batch. ``prepare_distributed(wrap)`` (called by the engine under data
+parallelism only) puts ``self.net`` in DDP, which sums the gradients ``backward()`` leaves in ``.grad``; a method
+whose gradients come from ``ctx.param_grads`` makes it a no-op (AFD). ``self.processes``: how many processes train
+the run, for options a method cannot offer on several (AFKD's train-mode teacher).
 
 Registering a name twice is an error. Variants and ablations are separate registered classes that reuse code.
 """
@@ -41,15 +46,14 @@ import torch
 from torch import nn
 
 from bench.attacks import CompiledAttackForward, pgd
-from bench.dist import seed_loss
 from bench.errors import BenchError
 from bench.loader import Batch
 from bench.registry import Registry
 from bench.schedules import lr_at
+from bench.step import StepContext, current
 
 if TYPE_CHECKING:
     from bench.data import Split
-    from bench.dist import Dist
 
 METHODS: Registry[type["Method"]] = Registry("method")
 
@@ -104,8 +108,6 @@ class Method:
     # that value, so the recorded runs keep their hashes (another value is in the identity as usual)
     identity_neutral: ClassVar[dict[str, Any]] = {}
     loader_augment: ClassVar[bool] = True  # False: the method gets un-augmented batches and augments itself (ATAS)
-    # "ddp": gradients come from backward() through self.net (DDP reduces them); "manual": the method reduces them
-    grad_sync: ClassVar[str] = "ddp"
     defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
@@ -128,12 +130,10 @@ class Method:
         return v
 
     def __init__(self, hp: dict[str, Any], model: nn.Module, teacher: nn.Module | None = None,
-                 steps_per_epoch: int = 1, info: dict[str, Any] | None = None, dist: "Dist | None" = None,
+                 steps_per_epoch: int = 1, info: dict[str, Any] | None = None, processes: int = 1,
                  fused: bool | None = None):
-        from bench.dist import SINGLE
-
         self.hp = hp
-        self.dist = dist if dist is not None else SINGLE
+        self.processes = int(processes)  # processes training the run (data parallelism: the engine's Dist.world)
         # the training set the engine iterates: n images of shape (C, H, W), num_classes, crop_pad, flip
         self.info = info or {}
         self.stopped = False  # set by a method that ends training early (its current weights are the result)
@@ -142,8 +142,9 @@ class Method:
         # same update up to rounding (tests/test_speed.py). On a CPU the default stays the for-loop update every
         # CPU record so far was trained with, so a CPU run is reproduced bit for bit.
         self.fused = any(p.is_cuda for p in model.parameters()) if fused is None else bool(fused)
-        self.net: Callable[..., torch.Tensor] = model  # training forward: the engine may compile / DDP-wrap it
+        self.net: Callable[..., torch.Tensor] = model  # training forward: compile() / prepare_distributed() set it
         self.attack_net: Callable[[torch.Tensor], torch.Tensor] = model  # attacks' forward: compiled at most
+        self.compiled = False  # compile() ran: a DDP forward is compiled on top (prepare_distributed)
         self.teacher = teacher
         if teacher is not None:
             teacher.eval()
@@ -171,8 +172,8 @@ class Method:
         """``torch.compile`` the forwards: the training forward ``self.net``, the attacks' forward
         ``self.attack_net`` (:class:`bench.attacks.CompiledAttackForward`: the forward on :class:`ParamsDetached`,
         and each eval-mode PGD step fused into one compiled graph) and the teacher's features ``self.teacher_net``.
-        Called by the engine with ``compile = true`` once the method is built; under data parallelism the engine
-        compiles the DDP-wrapped training forward in place of ``self.net``.
+        Called by the engine with ``compile = true`` once the method is built; under data parallelism
+        :meth:`prepare_distributed` compiles the DDP-wrapped training forward in place of ``self.net``.
 
         Dynamo's caches are reset first: its compiled code is kept per function (``forward``), not per model,
         guarded on the module's class, BN modes, autocast and the tensors' properties, so runs one process trains
@@ -190,6 +191,17 @@ class Method:
         self.attack_net = CompiledAttackForward(self.model, fused=fused_step)
         if self.teacher_net is not None:
             self.teacher_net = torch.compile(self.teacher.features)
+        self.compiled = True
+
+    def prepare_distributed(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Under data parallelism (never called on one process): the engine calls it once before the first epoch,
+        after the stage before training (which may choose the parameters that train: RiFT), with ``wrap``, which
+        puts a module in DistributedDataParallel summing the gradients over processes (:meth:`bench.dist.Dist.wrap`).
+        Default: the training forward ``self.net`` becomes the wrapped model (compiled on top when the method was
+        compiled), so that ``backward()`` through it leaves the global-batch gradients in ``.grad``. A method that
+        takes its gradients with ``self.ctx.param_grads`` (summed there) overrides it with a no-op."""
+        net = wrap(self.model)
+        self.net = torch.compile(net) if self.compiled else net
 
     # -- schedule -----------------------------------------------------------------------------------------------
     def lr_at(self, epoch: int, step: int) -> float:
@@ -208,6 +220,12 @@ class Method:
                     g["momentum"] = mom
 
     # -- training -----------------------------------------------------------------------------------------------
+    @property
+    def ctx(self) -> StepContext:
+        """The :class:`bench.step.StepContext` of the training step being run (the engine opens one around every
+        ``train_step``); outside a step the one-process context."""
+        return current()
+
     def train_step(self, batch: Batch, epoch: int, step: int) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
@@ -238,9 +256,9 @@ class Method:
 
     @staticmethod
     def ce_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """One optimiser step on ``loss`` (seeded with the rank's batch share under data parallelism)."""
+        """One optimiser step on the batch-mean ``loss`` (the global batch's under data parallelism)."""
         opt.zero_grad(set_to_none=True)
-        seed_loss(loss).backward()
+        current().backward(loss)
         opt.step()
 
     # -- state --------------------------------------------------------------------------------------------------

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.attacks import bn_mode, input_grad, uniform_noise
-from bench.dist import SINGLE, Dist, current_shard, seed_loss
 from bench.errors import BenchError
 from bench.precision import wide
+from bench.step import StepContext, current
 
 from .base import Method, register_method
 
@@ -58,30 +58,26 @@ def g1_at_saturated(g1: torch.Tensor, x: torch.Tensor, mode: str) -> torch.Tenso
     return torch.where((x == 0) | (x == 1), g1 * keep, g1)
 
 
-def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor, dist: Dist = SINGLE) -> torch.Tensor:
+def gradalign_reg(g1: torch.Tensor, g2: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
     """1 − mean cosine of the per-example input gradients over the examples where both norms are non-zero (0 when
     none is). ``g1`` is expected detached; gradients flow through ``g2``.
 
     No host sync: which examples count is decided on the device (a mask and ``torch.where``, no boolean indexing,
     no ``bool()``); with every example kept, the value and its gradient are bit for bit the mean over the batch.
 
-    On a shard of a global batch (``dist``, inside a training step) the mean runs over the kept examples of the
-    *global* batch: the value returned is scaled so that the ranks' share-weighted sum (what the seeded losses add
-    up to) is the single-process value, every rank takes the same branch, and every rank's ``g2`` stays in the
-    graph (the double backward through synchronised BN is a collective)."""
+    The mean runs over the kept examples of the whole batch of the step (``ctx``, default the step being run):
+    :meth:`~bench.step.StepContext.loss_mean` of the cosines summed over them, and every process's ``g2`` stays in the
+    graph, also when none of its examples is kept (the double backward through synchronised BN is a collective)."""
+    ctx = ctx if ctx is not None else current()
     a, b = wide(g1.flatten(1)), wide(g2.flatten(1))
     na, nb = a.norm(dim=1), b.norm(dim=1)
     keep = (na != 0) & (nb != 0)
     one = torch.ones_like(na)
     cos = ((a / torch.where(keep, na, one)[:, None]) * (b / torch.where(keep, nb, one)[:, None])).sum(dim=1)
-    shard = current_shard()
-    sharded = dist.enabled and shard is not None
-    kept = keep.sum().float()
-    kept = dist.all_sum(kept) if sharded else kept
-    share = shard.share if sharded else 1.0
+    kept = ctx.sum(keep.sum().float())
     # (cos * keep).sum() / kept is cos.mean() bit for bit when every example is kept (as torch computes a CPU mean)
-    reg = 1.0 - (cos * keep).sum() / (kept.clamp(min=1) * share)
-    return torch.where(kept > 0, reg, (b * 0).sum())  # none kept: 0, with g2 in the graph on every rank
+    reg = 1.0 - ctx.loss_mean((cos * keep).sum(), kept.clamp(min=1))
+    return torch.where(kept > 0, reg, (b * 0).sum())  # none kept: 0, with g2 in the graph
 
 
 @register_method
@@ -126,7 +122,7 @@ class FGSMGA(Method):
         eta = uniform_noise(x, self.hp["eps"]).requires_grad_(True)
         eager = getattr(self.net, "_orig_mod", self.net)  # torch.compile's module wraps the original (model or DDP)
         loss = F.cross_entropy(wide(eager(x + eta)), y)
-        (g,) = torch.autograd.grad(seed_loss(loss), eta, create_graph=True)
+        (g,) = self.ctx.grad(loss, eta, create_graph=True)
         return g
 
     def train_step(self, batch, epoch, step):
@@ -141,7 +137,7 @@ class FGSMGA(Method):
         ce = F.cross_entropy(wide(logits), y)
         reg = torch.zeros((), device=x.device)
         if self.lam != 0:
-            reg = self.lam * gradalign_reg(g1, self.grad2(x, y), self.dist)
+            reg = self.lam * gradalign_reg(g1, self.grad2(x, y), self.ctx)
         loss = ce + reg
         self.ce_step(self.optimizer, loss)
         return {"loss": loss.detach(), "loss_ce": ce.detach(), "loss_gradalign": reg.detach(),

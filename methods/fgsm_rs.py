@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from bench.attacks import fgsm, pgd
 from bench.precision import wide
+from bench.step import ONE
 
 from .base import Method, register_method
 
@@ -55,7 +56,7 @@ class FGSMRS(Method):
     def setup(self) -> None:
         super().setup()
         self.first_batch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.first_shard = None  # its rows of the global batch under data parallelism
+        self.first_ctx = ONE  # that step's context (under data parallelism: its rows of the global batch)
         self.prev_robust: float | None = None  # robust accuracy (fraction) of the last epoch that passed
         self.best_state: dict[str, torch.Tensor] | None = None  # the weights after that epoch
 
@@ -66,7 +67,7 @@ class FGSMRS(Method):
     def train_step(self, batch, epoch, step):
         if step == 0:
             self.first_batch = (batch.x.detach().clone(), batch.y.detach().clone())
-            self.first_shard = batch.shard
+            self.first_ctx = self.ctx
         x_adv = self.attack(batch.x, batch.y)
         self.model.train()
         logits = self.net(x_adv)
@@ -77,18 +78,19 @@ class FGSMRS(Method):
     @torch.no_grad()
     def early_stop_robust(self) -> float:
         """PGD-5 robust accuracy (fraction) on this epoch's first training batch, model in eval mode (under data
-        parallelism: on the whole global batch, so that every rank takes the same decision)."""
+        parallelism: on the whole global batch, so that every process takes the same decision): the attack and the
+        accuracy run in the context of the step that trained on the batch."""
         assert self.first_batch is not None
         x, y = self.first_batch
         hp = self.hp
-        with self.dist.step(self.first_shard):
+        with self.first_ctx as ctx:
             with torch.enable_grad():
                 x_adv = pgd(self.model, x, y, eps=hp["eps"], step=hp["early_stop_step"],
                             steps=hp["early_stop_steps"], random_start=True, clip_start=True, bn="eval",
                             forward=self.attack_net)
             training = self.model.training
             self.model.eval()
-            acc = float(self.dist.batch_mean((self.attack_net(x_adv).argmax(1) == y).float().mean()))
+            acc = float(ctx.mean((self.attack_net(x_adv).argmax(1) == y).float().mean()))
             self.model.train(training)
         return acc
 

@@ -18,8 +18,9 @@ the valid range of the batch it last moved on (step 3), so on the first replay o
 ``clamp`` is 0 at both bounds, so δ's sign step would be 0 and δ would freeze at every pixel that is 0 or 1 or that
 step 3 put on a bound, for every later replay.) The
 last mini-batch of an epoch may be smaller: it uses (and updates) the first rows of δ, as Wong's ``delta[:X.size(0)]``.
-Under data parallelism a rank uses the rows of δ at its positions in the global batch, and after each mini-batch the
-moved rows are gathered so that every rank holds (and checkpoints) the whole δ of the single-process run.
+δ's rows are positions in the batch: a process uses those of its rows of the global batch (``self.ctx.rows``), and
+after each mini-batch writes them through ``self.ctx.scatter_``, so that under data parallelism every process holds
+(and checkpoints) the whole δ of the single-process run.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.dist import seed_loss
 from bench.precision import wide
 from bench.schedules import cyclic_factor
 
@@ -77,8 +77,8 @@ class FreeAT(Method):
     def train_step(self, batch, epoch, step):
         x, y = batch.x, batch.y
         b, eps = y.shape[0], self.hp["eps"]
-        # δ's rows are positions in the global batch: this rank's rows of it (the first b on one process)
-        rows = batch.shard.rows if batch.shard is not None else slice(0, b)
+        ctx = self.ctx
+        rows = ctx.rows(b)  # δ's rows of this batch: positions in the global batch (the first b on one process)
         self.model.train()
         loss_sum = torch.zeros((), device=x.device)
         correct = None
@@ -88,7 +88,7 @@ class FreeAT(Method):
             logits = self.net(x + delta)  # no clip: see the docstring
             loss = F.cross_entropy(wide(logits), y)
             self.optimizer.zero_grad(set_to_none=True)
-            seed_loss(loss).backward()  # one backward: ∇θ into .grad, ∇δ into delta.grad
+            ctx.backward(loss)  # one backward: ∇θ into .grad, ∇δ into delta.grad
             with torch.no_grad():
                 d = (delta + eps * delta.grad.sign()).clamp_(-eps, eps)
                 d = torch.max(torch.min(d, 1.0 - x), -x)  # x + δ in [0, 1]
@@ -98,9 +98,8 @@ class FreeAT(Method):
             loss_sum = loss_sum + loss.detach()
             if correct is None:
                 correct = (logits.argmax(1) == y).sum()
-        if batch.shard is not None:  # every rank keeps the whole δ: the rows the others moved
-            with torch.no_grad():
-                self.delta[:batch.shard.total] = self.dist.gather_rows(self.delta[rows])
+        with torch.no_grad():  # δ's rows of the whole batch: those the other processes moved (one process: its own)
+            ctx.scatter_(self.delta, slice(0, ctx.total(b)), self.delta[rows])
         return {"loss": loss_sum / self.hp["replays"], "correct_sum": correct}
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.attacks import bn_mode, sign_step
-from bench.dist import per_example, rows_like
+from bench.attacks import bn_mode, normal_noise, sign_step
 from bench.precision import wide
 
 from .base import Method, register_method
@@ -41,7 +40,7 @@ def trades_attack(model, x: torch.Tensor, *, eps: float, step: float, steps: int
     with bn_mode(model, "eval"):
         with torch.no_grad():
             target = fwd(x).detach()
-        x_adv = x + init_std * per_example(lambda m: rows_like(x, m).normal_(), x.shape[0])
+        x_adv = x + init_std * normal_noise(x)
         for _ in range(steps):
             x_adv = sign_step(fwd, x_adv, x, target, step=step, eps=eps, loss_fn=kl_sum)
     return x_adv.detach()

@@ -99,7 +99,7 @@ def step_setup(name: str, d, total: int, dtype: torch.dtype = torch.float64, arc
     hp.update(batch_size=total, lr=0.05)
     if "attack_steps" in hp:
         hp["attack_steps"] = 2
-    method = cls(hp, model, teacher, steps_per_epoch=1, info={"n": total, "shape": (3, 32, 32)}, dist=d)
+    method = cls(hp, model, teacher, steps_per_epoch=1, info={"n": total, "shape": (3, 32, 32)}, processes=d.world)
     if d.enabled:
         s = d.shard(total)
         batch = Batch(x[s.rows], y[s.rows], torch.arange(total)[s.rows], shard=s, global_idx=torch.arange(total))
@@ -109,19 +109,20 @@ def step_setup(name: str, d, total: int, dtype: torch.dtype = torch.float64, arc
 
 
 def step_worker(d, out, names: list[str], total: int, controls: bool = False, arch: str = "smallcnn") -> dict:
-    """One training step of each method of ``names`` on this rank's rows of a fixed batch. ``controls``: the same
-    step with the reduction left out — AFD's gradient all-reduce skipped, the other methods' training forward not
-    wrapped in DDP — which must not give the one-process step (so the equality test can fail)."""
+    """One training step of each method of ``names`` on this rank's rows of a fixed batch, set up as the engine sets
+    it up (``prepare_distributed``, the step context). ``controls``: the same step with the reduction left out — the
+    method's prepare_distributed not called (no DDP forward) and the step context's gradient sum skipped (AFD's) —
+    which must not give the one-process step (so the equality test can fail)."""
     result = {}
     for name in names:
         method, batch = step_setup(name, d, total, arch=arch)
-        if controls and method.grad_sync == "manual":
-            method.dist = copy.copy(method.dist)
-            method.dist.reduce_grads_ = lambda grads: None
-        if method.grad_sync == "ddp" and not controls:
-            method.net = d.wrap(method.model)
+        ctx = d.step(batch.shard)
+        if controls:
+            ctx.reduce_grads_ = lambda grads: None
+        else:
+            method.prepare_distributed(d.wrap)
         torch.manual_seed(1)  # the global RNG of the step (PGD's random start), the same on every rank
-        with d.step(batch.shard):
+        with ctx:
             method.train_step(batch, 0, 0)
         result[name] = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
     return result
@@ -180,15 +181,14 @@ def gradalign_inputs(zero_rows):
 def gradalign_worker(d, out, zero_rows) -> dict:
     """GradAlign's regulariser on this rank's rows (some gradients zero): its share-weighted value and the
     gradient it sends into g₂."""
-    from bench.dist import seed_loss
     from methods.fgsm_ga import gradalign_reg
 
     g1, g2 = gradalign_inputs(zero_rows)
     s = d.shard(7)
     g2l = g2[s.rows].clone().requires_grad_(True)
-    with d.step(s):
-        reg = gradalign_reg(g1[s.rows], g2l, d)
-        seed_loss(reg).backward()
+    with d.step(s) as ctx:
+        reg = gradalign_reg(g1[s.rows], g2l, ctx)
+        ctx.backward(reg)
     return {"weighted": float(reg.detach()) * s.share, "grad": g2l.grad}
 
 
