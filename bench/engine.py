@@ -103,7 +103,7 @@ def _summarise(sums: dict[str, torch.Tensor], steps: int, images: int) -> dict[s
 
 class _SealedSplit:
     """Stands in for the test split while a method trains: any use of it is an error (RiFT's stages, and every
-    other method, must select and fine-tune on training data only; METHODS.md Decision 6)."""
+    other method, must select and fine-tune on training data only; docs/methods.md Decision 6)."""
 
     def __getattr__(self, name: str):
         raise BenchError(f"the test split is sealed during training (attribute {name!r} was read); stages may use "

@@ -1,4 +1,4 @@
-"""Evaluation exactly as METHODS.md §15.1 (the AFD paper's protocol).
+"""Evaluation exactly as docs/methods.md §15.1 (the AFD paper's protocol).
 
 * model in eval mode (set, then checked for every module), fp32 (autocast off);
 * ``clean``: top-1 accuracy;

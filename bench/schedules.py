@@ -15,7 +15,7 @@ from 1, and each schedule says how it maps.
   :func:`cyclic_factor` evaluates it at any fraction of the run (Free-AT steps it per replay). ``momentum``
   ([low, high], optional): SGD's momentum cycles inversely to the lr, ``high − (high − low)·lr/lr₀``, as torch's
   ``CyclicLR`` does by default (``cycle_momentum=True``, 0.8 / 0.9) in Wong et al.'s code (:func:`cyclic_momentum`).
-* ``suzuki``: the AFT schedule of METHODS.md §9 (AFD code ``tl+sl.py`` L106-113): epochs 1-10 at lr₀, ×0.8 at
+* ``suzuki``: the AFT schedule of docs/methods.md §9 (AFD code ``tl+sl.py`` L106-113): epochs 1-10 at lr₀, ×0.8 at
   epoch 11, then halved at epochs 13, 15, 17, 19 (1-based); ``milestones`` (five 1-based epochs, default
   [11, 13, 15, 17, 19]) moves the ×0.8 and the four halvings, for a run shorter or longer than the paper's 20 epochs.
 

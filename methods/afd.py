@@ -1,4 +1,4 @@
-"""AFD — Adversarial Fine-tuning via Disentanglement (Zhou et al., AAAI 2025) — docs/methods.md#afd (METHODS.md §14;
+"""AFD — Adversarial Fine-tuning via Disentanglement (Zhou et al., AAAI 2025) — docs/methods.md#afd (§14 of its section map;
 its § numbers resolve there as anchors ``#methods-14-1`` … ``#methods-14-7``), and its variants:
 
 * ``afd``: the **code-faithful** update of §14.4 (the one that made the paper's numbers, Decision 4), certified
@@ -188,7 +188,7 @@ class AFD(Method):
     name = "afd"
     report_row = 120
     starts_from = "natural"
-    paper = "METHODS.md §14, code-faithful update of §14.4 (Zhou et al. 2025, Algorithm 1 as the code runs it)"
+    paper = "docs/methods.md §14, code-faithful update of §14.4 (Zhou et al. 2025, Algorithm 1 as the code runs it)"
     attack_bn = "eval"
     literal = False
     defaults = {**AFT_DEFAULTS, "attack_step": 0.007, "alpha": 0.05, "beta": 0.25, "gamma": 25.0,
@@ -284,8 +284,8 @@ class AFD(Method):
         # SGD added weight decay into ``p.grad`` in place (``d_p = p.grad.data; d_p.add_(weight_decay, p.data)``,
         # torch/optim/sgd.py before 1.5), and their code lets gradients accumulate from step 2 into step 3, so O
         # stepped with G₁|ω + G₂ + wd·θ_t + G₃ and then added wd·θ_{t+½} itself: weight decay three times per
-        # iteration on θ₁. METHODS.md §14.4 leaves this term out; we keep it, to be faithful to the code that made
-        # the paper's numbers (a deviation from METHODS.md's derivation, toward its stated goal).
+        # iteration on θ₁. The specification's formula (§14.4, docs/methods.md#afd) leaves this term out; we keep it,
+        # to be faithful to the code that made the paper's numbers (measured: docs/methods.md#afd, Deviations).
         wd = self.hp["weight_decay"]
         s3 = [a + wd * p.detach() + b for a, p, b in zip(s2, self.theta1, g3)]  # at θ_t, before any step
         _step(self.o2, self.theta1, s2)
@@ -342,7 +342,7 @@ class AFD(Method):
 class AFDLiteral(AFD):
     name = "afd-literal"
     report_row = 130
-    paper = "METHODS.md §14.4 'paper-literal': Algorithm 1 read literally (L1 moves only D2, no double counting)"
+    paper = "docs/methods.md §14.4 'paper-literal': Algorithm 1 read literally (L1 moves only D2, no double counting)"
     literal = True
 
 
@@ -350,5 +350,5 @@ class AFDLiteral(AFD):
 class VAFTPlusD(AFD):
     name = "vaft+d"
     report_row = 140
-    paper = "AFD Table 3 ablation: AFD without the alignment term (γ = 0) (METHODS.md §14.7)"
+    paper = "AFD Table 3 ablation: AFD without the alignment term (γ = 0) (docs/methods.md §14.7)"
     defaults = {**AFD.defaults, "gamma": 0.0}

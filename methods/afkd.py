@@ -1,4 +1,4 @@
-"""AFKD = AFT + RGKD (representation-guided knowledge distillation, Suzuki et al. 2023) — METHODS.md §11, and the
+"""AFKD = AFT + RGKD (representation-guided knowledge distillation, Suzuki et al. 2023) — docs/methods.md §11, and the
 ``vaft+a`` ablation of the AFD paper's Table 3.
 
 L = CE(f_F(x′), y) + λ·[1 − (1/B) Σ_i cos(sg g_P(x_i), g_F(x′_i))]: the frozen teacher's (θᴾ, eval mode, no grad)
@@ -41,7 +41,7 @@ class AFKD(VAFT):
     name = "afkd"
     report_row = 100
     starts_from = "natural"
-    paper = "METHODS.md §11 (AFT + RGKD, Suzuki et al. 2023; AFD Tables 1-2, 5)"
+    paper = "docs/methods.md §11 (AFT + RGKD, Suzuki et al. 2023; AFD Tables 1-2, 5)"
     weight_key = "lam"
     defaults = {**AFT_DEFAULTS, "lam": 50.0, "teacher_bn": "eval"}
     identity_neutral = {"teacher_bn": "eval"}
@@ -102,6 +102,6 @@ class AFKD(VAFT):
 class VAFTPlusA(AFKD):
     name = "vaft+a"
     report_row = 150
-    paper = "AFD Table 3 ablation: vAFT + γ-alignment to the teacher, no D1/D2 (METHODS.md §14.7)"
+    paper = "AFD Table 3 ablation: vAFT + γ-alignment to the teacher, no D1/D2 (docs/methods.md §14.7)"
     weight_key = "gamma"
     defaults = {**AFT_DEFAULTS, "gamma": 25.0, "teacher_bn": "eval"}

@@ -1,4 +1,4 @@
-"""ARREST = AFT + RGKD + NR (noisy replay), Suzuki et al. 2023 — METHODS.md §12, as the AFD authors re-implemented
+"""ARREST = AFT + RGKD + NR (noisy replay), Suzuki et al. 2023 — docs/methods.md §12, as the AFD authors re-implemented
 it in ``ARREST.py`` (the only implementation available; it produced the AFD paper's ARREST numbers).
 
 Per mini-batch, **before** the attack: with the student in eval mode and no grad, the batch-mean angular distance
@@ -26,7 +26,7 @@ from .vaft import AFT_DEFAULTS
 class ARREST(AFKD):
     name = "arrest"
     report_row = 110
-    paper = "METHODS.md §12 (AFT + RGKD + noisy replay, Suzuki et al. 2023; AFD Tables 1-2, 5)"
+    paper = "docs/methods.md §12 (AFT + RGKD + noisy replay, Suzuki et al. 2023; AFD Tables 1-2, 5)"
     weight_key = "lam"
     defaults = {**AFT_DEFAULTS, "lam": 50.0, "theta": 30.0, "replay_epochs": 10, "teacher_bn": "eval"}
 

@@ -73,7 +73,7 @@ class ATAS(Method):
     name = "atas"
     report_row = 70
     starts_from = "scratch"
-    paper = "METHODS.md §8 (Huang et al. 2023; AFD Tables 1, 5 †)"
+    paper = "docs/methods.md §8 (Huang et al. 2023; AFD Tables 1, 5 †)"
     attack_bn = "eval"
     loader_augment = False  # ATAS crops and flips image and perturbation buffer together itself
     defaults = {

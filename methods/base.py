@@ -60,7 +60,7 @@ METHODS: Registry[type["Method"]] = Registry("method")
 STARTS_FROM = ("scratch", "natural", "adversarial")
 EPS = 8 / 255
 
-# hyper-parameters every method has, with the conventional CIFAR values (METHODS.md §18 "Common")
+# hyper-parameters every method has, with the conventional CIFAR values (docs/methods.md §18 "Common")
 COMMON_DEFAULTS: dict[str, Any] = {
     "epochs": 100,
     "batch_size": 128,
@@ -96,7 +96,7 @@ def match_layouts(opt: torch.optim.Optimizer) -> None:
 class Method:
     name: ClassVar[str] = ""
     starts_from: ClassVar[str] = "scratch"
-    paper: ClassVar[str] = ""  # where the method is specified (METHODS.md section)
+    paper: ClassVar[str] = ""  # where the method is specified (docs/methods.md section)
     # the place of the method's rows in the report's tables and figures (bench.report.method_order): the paper's row
     # order, a method it does not have beside its closest one; None: after those, by name. A subclass inherits its
     # method's place (and follows it by name) until it sets its own

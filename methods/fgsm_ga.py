@@ -85,7 +85,7 @@ class FGSMGA(Method):
     name = "fgsm-ga"
     report_row = 60
     starts_from = "scratch"
-    paper = "METHODS.md §7 (Andriushchenko & Flammarion 2020; AFD Tables 1, 5 †)"
+    paper = "docs/methods.md §7 (Andriushchenko & Flammarion 2020; AFD Tables 1, 5 †)"
     attack_bn = "train"
     defaults = {
         "epochs": 30,

@@ -1,4 +1,4 @@
-"""FGSM-RS, "Fast is better than free" (Wong et al. 2020) — METHODS.md §6, ``train_fgsm.py``.
+"""FGSM-RS, "Fast is better than free" (Wong et al. 2020) — docs/methods.md §6, ``train_fgsm.py``.
 
 Per mini-batch: δ₀ ~ U(−ε, ε) per pixel, clipped so that x + δ₀ ∈ [0, 1]; one FGSM step of α = 1.25·ε = 10/255 on CE
 with the model in **train** mode (its running statistics updated by this forward, as in the official code);
@@ -39,7 +39,7 @@ class FGSMRS(Method):
     name = "fgsm-rs"
     report_row = 50
     starts_from = "scratch"
-    paper = "METHODS.md §6 (Wong et al. 2020, train_fgsm.py)"
+    paper = "docs/methods.md §6 (Wong et al. 2020, train_fgsm.py)"
     attack_bn = "train"
     defaults = {
         "epochs": 15,

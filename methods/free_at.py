@@ -1,4 +1,4 @@
-"""Free-AT, "Adversarial training for free!" (Shafahi et al. 2019) — METHODS.md §5, Wong et al.'s PyTorch settings.
+"""Free-AT, "Adversarial training for free!" (Shafahi et al. 2019) — docs/methods.md §5, Wong et al.'s PyTorch settings.
 
 One perturbation tensor δ with the shape of one mini-batch, zero at the start, is carried across mini-batches and
 epochs and never reset. Every mini-batch is replayed m = 8 times; each replay is
@@ -40,7 +40,7 @@ class FreeAT(Method):
     name = "free-at"
     report_row = 40
     starts_from = "scratch"
-    paper = "METHODS.md §5 (Shafahi et al. 2019; Wong et al. 2020 train_free.py; AFD Tables 1, 5 †)"
+    paper = "docs/methods.md §5 (Shafahi et al. 2019; Wong et al. 2020 train_free.py; AFD Tables 1, 5 †)"
     attack_bn = "train"
     defaults = {
         "epochs": 10,

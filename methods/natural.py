@@ -1,4 +1,4 @@
-"""Natural (standard) training — METHODS.md §2; the shared starting model θᴾ of the AFT methods.
+"""Natural (standard) training — docs/methods.md §2; the shared starting model θᴾ of the AFT methods.
 
 Plain CE on clean augmented images, model in train mode; SGD momentum 0.9, lr 0.1, weight decay 5e-4, batch 128,
 100 epochs, ×0.1 at epochs 50 and 75 (§2 "Recommended"; the AFD authors did not release their recipe), inputs in
@@ -16,7 +16,7 @@ class Natural(Method):
     name = "natural"
     report_row = 10
     starts_from = "scratch"
-    paper = "METHODS.md §2 (natural pre-training, AFD Table 5 'Standard')"
+    paper = "docs/methods.md §2 (natural pre-training, AFD Table 5 'Standard')"
     attack_bn = None
     defaults = {
         "epochs": 100,

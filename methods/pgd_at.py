@@ -1,4 +1,4 @@
-"""PGD-AT (Madry et al. 2018) — METHODS.md §3, AFD-consistent recipe.
+"""PGD-AT (Madry et al. 2018) — docs/methods.md §3, AFD-consistent recipe.
 
 min_θ E max_{‖δ‖∞≤ε} CE(f_θ(x+δ), y): the outer loss is CE on the PGD example only (no clean term).
 Attack: PGD-10, ε = 8/255, step 2/255, U(−ε, ε) start, CE on the current model **in eval mode** (running BN
@@ -28,7 +28,7 @@ class PGDAT(Method):
     name = "pgd-at"
     report_row = 20
     starts_from = "scratch"
-    paper = "METHODS.md §3 (Madry et al. 2018; AFD Tables 1, 2, 5)"
+    paper = "docs/methods.md §3 (Madry et al. 2018; AFD Tables 1, 2, 5)"
     attack_bn = "eval"
     defaults = {
         "epochs": 120,

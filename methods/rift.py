@@ -1,4 +1,4 @@
-"""RiFT — Robust Critical Fine-Tuning (Zhu et al., ICCV 2023): METHODS.md §13, Decision 6, §17 #17-18.
+"""RiFT — Robust Critical Fine-Tuning (Zhu et al., ICCV 2023): docs/methods.md §13, Decision 6, §17 #17-18.
 
 Starts from the suite's own PGD-AT model θ_AT (``starts_from = "adversarial"``: the runner trains ``pgd-at`` first;
 the engine hands its weights over as the model and as the frozen, eval-mode ``teacher``, which is θ_AT throughout).
@@ -29,7 +29,7 @@ Three stages, each resumable on its own (progress in the method state, ``ctx.sav
    "Recommended"); the model becomes θ(α*).
 
 Sources: ``[RiFT-code main.py: generate_adv_dataset, layer_sharpness, train, main; utils.py: interpolation]``
-(microsoft/robustlearn ``RiFT/``), METHODS.md §13. Deviations from the official code, all deliberate:
+(microsoft/robustlearn ``RiFT/``), docs/methods.md §13. Deviations from the official code, all deliberate:
 
 * MRC data: the official D_adv is built on the CIFAR **test** split; here on the MRC half of a held-out slice of the
   training split (Decision 6), held out of the PGD-AT base model as well: ``bench run`` trains RiFT's own
@@ -228,7 +228,7 @@ class RiFT(Method):
     report_row = 90
     starts_from = "adversarial"
     base_holdout = True  # the PGD-AT base is trained without the held-out slice
-    paper = "METHODS.md §13 (Zhu et al. 2023; AFD Tables 1, 2, 5)"
+    paper = "docs/methods.md §13 (Zhu et al. 2023; AFD Tables 1, 2, 5)"
     attack_bn = "eval"  # the stages' PGD (D_adv and the α validation); the fine-tuning itself has no attack
     defaults = {
         "epochs": 10,

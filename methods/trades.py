@@ -1,4 +1,4 @@
-"""TRADES (Zhang et al. 2019) — METHODS.md §4, the official ``trades_loss``.
+"""TRADES (Zhang et al. 2019) — docs/methods.md §4, the official ``trades_loss``.
 
 Outer loss, all three forwards in **train** mode and nothing detached (the official code):
 ``L = CE(f(x), y) + β · KL(softmax(f(x)) ‖ softmax(f(x′))) / B``, computed as
@@ -59,7 +59,7 @@ class TRADES(Method):
     name = "trades"
     report_row = 30
     starts_from = "scratch"
-    paper = "METHODS.md §4 (Zhang et al. 2019; AFD Tables 1, 2, 5)"
+    paper = "docs/methods.md §4 (Zhang et al. 2019; AFD Tables 1, 2, 5)"
     attack_bn = "eval"
     defaults = {
         "epochs": 120,

@@ -1,4 +1,4 @@
-"""vAFT — vanilla adversarial fine-tuning: METHODS.md §9 (the shared AFT skeleton) and §10.
+"""vAFT — vanilla adversarial fine-tuning: docs/methods.md §9 (the shared AFT skeleton) and §10.
 
 Neither Jeddi et al. nor Suzuki et al. released code; the only executable definition is the AFD authors'
 ``ARREST.py`` without flags (§9), which this follows: the student starts as a copy of the suite's natural model θᴾ;
@@ -29,6 +29,6 @@ class VAFT(PGDAT):
     name = "vaft"
     report_row = 80
     starts_from = "natural"
-    paper = "METHODS.md §9-§10 (vanilla AFT; AFD Tables 1-3, 5)"
+    paper = "docs/methods.md §9-§10 (vanilla AFT; AFD Tables 1-3, 5)"
     attack_bn = "eval"
     defaults = dict(AFT_DEFAULTS)

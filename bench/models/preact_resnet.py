@@ -1,4 +1,4 @@
-"""PreAct-ResNet-18 as in Wong et al.'s fast_adversarial, GradAlign and ATAS (METHODS.md §1.3); d = 512."""
+"""PreAct-ResNet-18 as in Wong et al.'s fast_adversarial, GradAlign and ATAS (docs/methods.md §1.3); d = 512."""
 from __future__ import annotations
 
 import torch.nn.functional as F

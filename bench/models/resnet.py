@@ -1,4 +1,4 @@
-"""CIFAR ResNets in the kuangliu/pytorch-cifar form (METHODS.md §1.1): 3×3 stem, stride 1, padding 1, no max-pool;
+"""CIFAR ResNets in the kuangliu/pytorch-cifar form (docs/methods.md §1.1): 3×3 stem, stride 1, padding 1, no max-pool;
 4 stages; global average pooling; ``fc`` (kuangliu calls it ``linear``). ResNet-18 has d = 512, ResNet-50 d = 2048.
 Global average pooling is adaptive, which equals kuangliu's ``avg_pool2d(·, 4)`` on 32×32 inputs and lets the same
 network take 64×64 (Tiny-ImageNet) and 28×28 (Fashion-MNIST) images.

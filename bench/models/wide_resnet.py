@@ -1,4 +1,4 @@
-"""WRN-34-10 in the TRADES / Zagoruyko form (METHODS.md §1.2): pre-activation blocks, widths 160/320/640, final
+"""WRN-34-10 in the TRADES / Zagoruyko form (docs/methods.md §1.2): pre-activation blocks, widths 160/320/640, final
 BN + ReLU, global average pooling, d = 640. Conv weights N(0, 2/(k²·out)), BN γ = 1, β = 0, fc bias 0.
 State-dict names follow TRADES (``block1.layer.0.bn1``, ``convShortcut``, ``fc``) so their checkpoints load as is.
 """
