@@ -139,8 +139,8 @@ class Method:
         self.stopped = False  # set by a method that ends training early (its current weights are the result)
         self.model = model
         # ``fused`` (default: on a GPU): one fused SGD kernel per step instead of torch's per-tensor updates; the
-        # same update up to rounding (tests/test_speed.py). On a CPU the default stays the for-loop update every
-        # CPU record so far was trained with, so a CPU run is reproduced bit for bit.
+        # same update up to rounding (tests/test_speed.py). On a CPU the default is torch's for-loop update, with which
+        # the CPU records are trained, so that a CPU run is reproduced bit for bit.
         self.fused = any(p.is_cuda for p in model.parameters()) if fused is None else bool(fused)
         self.net: Callable[..., torch.Tensor] = model  # training forward: compile() / prepare_distributed() set it
         self.attack_net: Callable[[torch.Tensor], torch.Tensor] = model  # attacks' forward: compiled at most
@@ -179,7 +179,7 @@ class Method:
         guarded on the module's class, BN modes, autocast and the tensors' properties, so runs one process trains
         one after another (``bench run`` of several methods, ``bench perf``) add up recompilations of the same
         ``forward`` until dynamo's recompile limit (8), beyond which it runs that forward eagerly with only a warning
-        (seen when timing five compiled engines of four methods in one process). A process trains one method at a
+        (several compiled engines in one process reach it). A process trains one method at a
         time; the previous method's graphs are dead. ``reset=False`` keeps them: ``bench perf`` builds a second
         compiled engine beside a live one (``fused_step=False``: the compiled forward with eager PGD steps, the
         fused step's ablation)."""
